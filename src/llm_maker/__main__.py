@@ -1,0 +1,3 @@
+from llm_maker.cli import main
+
+raise SystemExit(main())

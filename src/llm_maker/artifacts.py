@@ -1,0 +1,162 @@
+"""Artifacts connect stages: atomic writes, content hashes and small JSON manifests.
+
+Every stage writes a directory holding its outputs and a `manifest.json` with its inputs,
+config, hashes and versions. The manifest is written last, so its presence means the stage
+finished; its `fingerprint` (a hash of the stage config and input fingerprints) tells the
+pipeline whether the stage can be skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer that wants a filename; rename on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success rename it to `path` in one step.
+
+    A crash leaves only a `.tmp-*` directory, which readers ignore, never a partial `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (configs, upstream fingerprints)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import tokenizers
+    import torch
+
+    import llm_maker
+
+    return {
+        "llm_maker": llm_maker.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+def write_manifest(stage_dir: str | Path, stage: str, fingerprint_: str, **fields: Any) -> dict[str, Any]:
+    """Write `stage_dir/manifest.json` atomically; call it last, once all outputs exist."""
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint_,
+        "created_unix": time.time(),
+        "versions": versions(),
+        **fields,
+    }
+    atomic_write_json(Path(stage_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(stage_dir: str | Path) -> Optional[dict[str, Any]]:
+    p = Path(stage_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def require_manifest(stage_dir: str | Path, stage: str) -> dict[str, Any]:
+    """Read an upstream stage's manifest, or fail naming the missing stage."""
+    from llm_maker.errors import LLMMakerError
+
+    m = read_manifest(stage_dir)
+    if m is None:
+        raise LLMMakerError(f"{stage_dir}: no {MANIFEST}; run the `{stage}` stage first")
+    return m
+
+
+def stage_fingerprint(config: Any, *upstream_dirs: str | Path, extra: Any = None) -> str:
+    """Fingerprint of a stage: its config (a dataclass or dict), the fingerprints of the
+    upstream stages it reads, and any extra inputs (e.g. source file signatures).
+
+    The pipeline skips a stage whose manifest already carries this fingerprint."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    upstream = []
+    for d in upstream_dirs:
+        m = read_manifest(d)
+        upstream.append(m["fingerprint"] if m else None)
+    return fingerprint(cfg, upstream, extra)
+
+
+def is_up_to_date(stage_dir: str | Path, fingerprint_: str) -> bool:
+    m = read_manifest(stage_dir)
+    return m is not None and m.get("fingerprint") == fingerprint_

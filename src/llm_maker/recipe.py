@@ -1,0 +1,373 @@
+"""The YAML recipe: one file drives a run, validated in full before any compute.
+
+A recipe is a tree of typed dataclasses. `load_recipe(path)` reads the YAML, rejects unknown
+keys and wrong types with an error naming the key and the file, resolves relative paths
+against the recipe's folder, fills the model shape from a named preset, and checks that the
+shapes are possible (`d_model % n_heads == 0`, ...) and that the input files exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from llm_maker.errors import RecipeError
+
+
+@dataclass
+class SourceConfig:
+    """One input of the corpus. `type`: builtin | text | jsonl | parquet."""
+
+    type: str = "builtin"
+    path: Optional[str] = None  # file or folder (text/jsonl/parquet)
+    text_field: str = "text"  # jsonl/parquet column holding the document
+    max_documents: Optional[int] = None  # cap for this source (applied after reading, before selection)
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    selection_key: str = "llm-maker"  # BLAKE2b key: same key -> same subset and split everywhere
+    fraction: float = 1.0  # keep documents whose keyed hash falls below this fraction
+    max_documents: Optional[int] = None  # then keep at most this many, lowest hash first
+    val_fraction: float = 0.05
+    min_chars: int = 1  # drop documents shorter than this (after stripping)
+
+
+@dataclass
+class TokenizerConfig:
+    """`type: bpe` trains a byte-level BPE; `type: pretrained` loads `path` (a tokenizer.json)."""
+
+    type: str = "bpe"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    path: Optional[str] = None
+    max_train_chars: Optional[int] = None  # cap on training text (hash-ordered sample)
+
+
+@dataclass
+class PackConfig:
+    dtype: str = "auto"  # auto | uint16 | uint32
+    workers: int = 2
+    batch_documents: int = 256  # documents per encode_batch call
+
+
+@dataclass
+class ModelConfigSpec:
+    """Model shape in the recipe: a preset name and/or explicit dims (explicit wins)."""
+
+    preset: Optional[str] = "tiny"
+    n_layers: Optional[int] = None
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    d_mlp: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: take it from the tokenizer
+    seq_len: Optional[int] = None
+    tie_embeddings: Optional[bool] = None
+    rope_theta: Optional[float] = None
+    norm_eps: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 1337
+    progress: bool = True
+
+
+@dataclass
+class SFTDataConfig:
+    source: str = "builtin"  # builtin | a .jsonl path with {"messages": [...]} per line
+    heldout_fraction: float = 0.1
+    max_conversations: Optional[int] = None
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    template: str = "chatml"  # chatml | parchment
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=100, warmup_steps=10))
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "The meaning of the word",
+            "In Python, a list is",
+            "What is the capital of France?",
+        ]
+    )
+    max_new_tokens: int = 48
+    max_heldout: int = 100  # held-out SFT items scored for exact match
+    val_batches: int = 16
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    run_dir: str = "runs/run"
+    seed: int = 1337
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    model: ModelConfigSpec = field(default_factory=ModelConfigSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source_file: Optional[str] = None  # set by load_recipe; not a YAML key
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_file", None)
+        return d
+
+
+# --------------------------------------------------------------------------------------
+# Parsing: dict -> dataclass with strict key and type checks
+# --------------------------------------------------------------------------------------
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check `value` against a (simple) annotation; returns (ok, coerced value)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v = _type_ok(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _parse(cls: type, data: Any, where: str, recipe_file: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{recipe_file}: `{where or 'top level'}` must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise RecipeError(
+            f"{recipe_file}: unknown key `{key}`; valid keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _parse(tp, value, key, recipe_file)
+            continue
+        if typing.get_origin(tp) is list:
+            (item_tp,) = typing.get_args(tp)
+            if not isinstance(value, list):
+                raise RecipeError(f"{recipe_file}: `{key}` must be a list, got {value!r}")
+            if dataclasses.is_dataclass(item_tp):
+                kwargs[name] = [_parse(item_tp, v, f"{key}[{i}]", recipe_file) for i, v in enumerate(value)]
+            else:
+                items = []
+                for i, v in enumerate(value):
+                    ok, v2 = _type_ok(v, item_tp)
+                    if not ok:
+                        raise RecipeError(f"{recipe_file}: `{key}[{i}]` must be {item_tp.__name__}, got {v!r}")
+                    items.append(v2)
+                kwargs[name] = items
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise RecipeError(f"{recipe_file}: `{key}` has the wrong type: got {value!r}, expected {_type_name(tp)}")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return " or ".join(a.__name__ for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------------------
+# Semantic validation
+# --------------------------------------------------------------------------------------
+
+SOURCE_TYPES = ("builtin", "text", "jsonl", "parquet")
+TEMPLATES = ("chatml", "parchment")
+
+
+def _check(cond: bool, recipe_file: str, key: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(f"{recipe_file}: `{key}` {message}")
+
+
+def _resolve(path: Optional[str], base: Path) -> Optional[str]:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool = True) -> None:
+    """Check every value that could only fail later, naming the key and the recipe file."""
+    from llm_maker.model.presets import PRESETS, resolve_model_config
+
+    f = recipe_file
+    _check(bool(r.name) and "/" not in r.name, f, "name", f"must be a non-empty name without '/', got {r.name!r}")
+    _check(len(r.data.sources) > 0, f, "data.sources", "must list at least one source")
+    for i, s in enumerate(r.data.sources):
+        key = f"data.sources[{i}]"
+        _check(s.type in SOURCE_TYPES, f, f"{key}.type", f"must be one of {SOURCE_TYPES}, got {s.type!r}")
+        if s.type != "builtin":
+            _check(s.path is not None, f, f"{key}.path", f"is required for a {s.type} source")
+            s.path = _resolve(s.path, base)
+            if check_files:
+                _check(Path(s.path).exists(), f, f"{key}.path", f"does not exist: {s.path}")
+        if s.max_documents is not None:
+            _check(s.max_documents > 0, f, f"{key}.max_documents", "must be positive")
+    d = r.data
+    _check(0.0 < d.fraction <= 1.0, f, "data.fraction", f"must be in (0, 1], got {d.fraction}")
+    _check(0.0 < d.val_fraction < 1.0, f, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(d.max_documents is None or d.max_documents > 1, f, "data.max_documents", "must be at least 2")
+
+    t = r.tokenizer
+    _check(t.type in ("bpe", "pretrained"), f, "tokenizer.type", f"must be bpe or pretrained, got {t.type!r}")
+    if t.type == "bpe":
+        _check(300 <= t.vocab_size <= 1_000_000, f, "tokenizer.vocab_size", f"must be in [300, 1000000], got {t.vocab_size}")
+    else:
+        _check(t.path is not None, f, "tokenizer.path", "is required when tokenizer.type is pretrained")
+        t.path = _resolve(t.path, base)
+        if check_files:
+            _check(Path(t.path).exists(), f, "tokenizer.path", f"does not exist: {t.path}")
+
+    _check(r.pack.dtype in ("auto", "uint16", "uint32"), f, "pack.dtype", f"must be auto, uint16 or uint32, got {r.pack.dtype!r}")
+    _check(r.pack.workers >= 1, f, "pack.workers", "must be at least 1")
+    if r.pack.dtype == "uint16" and t.type == "bpe":
+        _check(t.vocab_size <= 65535, f, "pack.dtype",
+               f"is uint16 but tokenizer.vocab_size is {t.vocab_size} (> 65535); use uint32 or auto")
+
+    m = r.model
+    if m.preset is not None:
+        _check(m.preset in PRESETS, f, "model.preset", f"unknown preset {m.preset!r}; choose one of {sorted(PRESETS)}")
+    try:
+        resolve_model_config(m, vocab_size=m.vocab_size or (t.vocab_size if t.type == "bpe" else None) or 256)
+    except ValueError as e:  # the message names the field
+        raise RecipeError(f"{f}: `model.{e}`") from None
+
+    for key, tc in (("train", r.train), ("sft.train", r.sft.train)):
+        _validate_train(tc, f, key)
+    _check(r.sft.template in TEMPLATES, f, "sft.template", f"must be one of {TEMPLATES}, got {r.sft.template!r}")
+    if r.sft.data.source != "builtin":
+        r.sft.data.source = _resolve(r.sft.data.source, base)
+        if check_files and r.sft.enabled:
+            _check(Path(r.sft.data.source).exists(), f, "sft.data.source", f"does not exist: {r.sft.data.source}")
+    _check(0.0 <= r.sft.data.heldout_fraction < 1.0, f, "sft.data.heldout_fraction", "must be in [0, 1)")
+    _check(r.eval.max_new_tokens > 0, f, "eval.max_new_tokens", "must be positive")
+
+
+def _validate_train(tc: TrainConfig, f: str, key: str) -> None:
+    _check(tc.precision in ("auto", "bf16", "fp32"), f, f"{key}.precision", f"must be auto, bf16 or fp32, got {tc.precision!r}")
+    for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "eval_batches"):
+        _check(getattr(tc, name) >= 1, f, f"{key}.{name}", f"must be at least 1, got {getattr(tc, name)}")
+    _check(tc.lr > 0, f, f"{key}.lr", f"must be positive, got {tc.lr}")
+    _check(0 <= tc.min_lr_ratio <= 1, f, f"{key}.min_lr_ratio", "must be in [0, 1]")
+    _check(0 <= tc.warmup_steps <= tc.max_steps, f, f"{key}.warmup_steps", "must be in [0, max_steps]")
+    _check(tc.grad_clip >= 0, f, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+def load_recipe(path: str | Path, overrides: Optional[dict[str, Any]] = None, check_files: bool = True) -> Recipe:
+    """Read, parse and validate a recipe file; raise RecipeError naming the key and file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text: {e}") from None
+    raw = raw or {}
+    if overrides:
+        raw = _apply_overrides(raw, overrides)
+    return recipe_from_dict(raw, recipe_file=str(path), base=path.parent, check_files=check_files)
+
+
+def recipe_from_dict(raw: dict[str, Any], recipe_file: str = "<recipe>", base: Path | None = None,
+                     check_files: bool = True) -> Recipe:
+    r = _parse(Recipe, raw, "", recipe_file)
+    base = base or Path.cwd()
+    validate_recipe(r, recipe_file, base, check_files=check_files)
+    r.run_dir = _resolve(r.run_dir, Path.cwd()) or r.run_dir
+    r.source_file = recipe_file
+    return r
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides (`train.max_steps=10`) to the raw YAML tree."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = raw
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override `{dotted}`: `{p}` is not a mapping")
+        node[parts[-1]] = value
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key.sub, YAML-parsed value)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

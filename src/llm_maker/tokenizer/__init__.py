@@ -1,0 +1,5 @@
+"""Byte-level BPE tokenizer: train with `tokenizers`, or load a pretrained tokenizer.json."""
+from llm_maker.tokenizer.tokenizer import (EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, Tokenizer,
+                                           train_bpe)
+
+__all__ = ["EOS", "IM_END", "IM_START", "PAD", "SPECIAL_TOKENS", "Tokenizer", "train_bpe"]

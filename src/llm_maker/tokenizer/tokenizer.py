@@ -1,0 +1,119 @@
+"""A thin wrapper over a `tokenizers` byte-level BPE with llm-maker's special tokens.
+
+Special tokens (ids 0-3 in a tokenizer trained here):
+  <|endoftext|>  end of a document in pretraining; the stop token of the parchment template
+  <|pad|>        padding, distinct from EOS so SFT can teach the model to stop
+  <|im_start|>   ChatML turn start
+  <|im_end|>     ChatML turn end (the stop token of the chatml template)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from llm_maker.artifacts import sha256_bytes
+from llm_maker.errors import LLMMakerError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """Encode/decode text; knows its special-token ids and a content hash."""
+
+    def __init__(self, hf: HFTokenizer, source: str = "<memory>"):
+        self.hf = hf
+        self.source = source
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise LLMMakerError(f"{source}: tokenizer lacks special tokens {missing}")
+        self.eos_id = hf.token_to_id(EOS)
+        self.pad_id = hf.token_to_id(PAD)
+        self.im_start_id = hf.token_to_id(IM_START)
+        self.im_end_id = hf.token_to_id(IM_END)
+        self.hash = sha256_bytes(hf.to_str().encode("utf-8"))[:16]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load `path/tokenizer.json` (or a tokenizer.json file itself)."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise LLMMakerError(f"{file}: tokenizer file not found")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise LLMMakerError(f"{file}: not a valid tokenizer.json: {e}") from None
+        return cls(hf, source=str(file))
+
+    def save(self, directory: str | Path) -> Path:
+        from llm_maker.artifacts import atomic_write_text
+
+        out = Path(directory) / TOKENIZER_FILE
+        atomic_write_text(out, self.hf.to_str(pretty=True))
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self.hf.token_to_id(token)
+
+
+def new_bpe_tokenizer() -> HFTokenizer:
+    """An untrained byte-level BPE (GPT-2 style pre-tokenisation, no <unk> ever needed)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE; the special tokens take ids 0..3."""
+    tok = new_bpe_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)
+
+
+def with_special_tokens(hf: HFTokenizer) -> HFTokenizer:
+    """Add any missing llm-maker special tokens to a pretrained tokenizer (ids appended)."""
+    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+    if missing:
+        hf.add_special_tokens(missing)
+    return hf
+
+
+def tokenizer_hash_of_file(path: str | Path) -> str:
+    """The hash `Tokenizer.hash` would give, without building the tokenizer."""
+    hf = HFTokenizer.from_file(str(path))
+    return sha256_bytes(hf.to_str().encode("utf-8"))[:16]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
