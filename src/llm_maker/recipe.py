@@ -97,6 +97,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 1337
     progress: bool = True
+    peak_tflops: Optional[float] = None  # device peak for MFU; None: look the device up in train/mfu.py
 
 
 @dataclass
@@ -297,8 +298,9 @@ def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool =
         _check(m.preset in PRESETS, f, "model.preset", f"unknown preset {m.preset!r}; choose one of {sorted(PRESETS)}")
     try:
         resolve_model_config(m, vocab_size=m.vocab_size or (t.vocab_size if t.type == "bpe" else None) or 256)
-    except ValueError as e:  # the message names the field
-        raise RecipeError(f"{f}: `model.{e}`") from None
+    except ValueError as e:  # the message is "field: why"
+        name, _, why = str(e).partition(": ")
+        raise RecipeError(f"{f}: `model.{name}` {why}") from None
 
     for key, tc in (("train", r.train), ("sft.train", r.sft.train)):
         _validate_train(tc, f, key)
@@ -318,7 +320,7 @@ def _validate_train(tc: TrainConfig, f: str, key: str) -> None:
         _check(getattr(tc, name) >= 1, f, f"{key}.{name}", f"must be at least 1, got {getattr(tc, name)}")
     _check(tc.lr > 0, f, f"{key}.lr", f"must be positive, got {tc.lr}")
     _check(0 <= tc.min_lr_ratio <= 1, f, f"{key}.min_lr_ratio", "must be in [0, 1]")
-    _check(0 <= tc.warmup_steps <= tc.max_steps, f, f"{key}.warmup_steps", "must be in [0, max_steps]")
+    _check(tc.warmup_steps >= 0, f, f"{key}.warmup_steps", "must be >= 0")
     _check(tc.grad_clip >= 0, f, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
 
 

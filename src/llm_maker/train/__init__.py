@@ -1,0 +1,1 @@
+"""Training: the shared loop (trainer), schedule, batches, checkpoints, and the pretraining stage."""

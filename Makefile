@@ -1,0 +1,35 @@
+# Quick start: `make demo` (the whole pipeline, offline, on a CPU) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch where there is no GPU. Elsewhere, point TORCH_INDEX at PyTorch's CPU wheel
+# index to avoid the multi-GB CUDA wheels, e.g. make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+RECIPE ?= configs/demo.yaml
+
+.PHONY: install demo test bench chat clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/llm-maker pipeline $(RECIPE)
+
+chat: install
+	$(BIN)/llm-maker chat runs/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/pretrain_throughput_cpu.py
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,77 @@
+"""The pretraining stage: pack/ + tokenizer/ -> pretrain/{checkpoints,final,metrics.csv}."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from llm_maker.artifacts import is_up_to_date, require_manifest, stage_fingerprint, write_manifest
+from llm_maker.errors import CheckpointError, RecipeError
+from llm_maker.layout import RunPaths
+from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
+from llm_maker.model.presets import resolve_model_config
+from llm_maker.pack import load_split
+from llm_maker.recipe import Recipe
+from llm_maker.tokenizer.tokenizer import Tokenizer
+from llm_maker.train.batches import PretrainBatches
+from llm_maker.train.trainer import resolve_device, run_training
+
+
+def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> LlamaConfig:
+    """The recipe's model shape with the tokenizer's vocabulary (unless the recipe sets a larger one)."""
+    spec = recipe.model
+    if spec.vocab_size is not None and spec.vocab_size < tokenizer.vocab_size:
+        raise RecipeError(f"{recipe.source_file}: `model.vocab_size` is {spec.vocab_size}, smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size} tokens")
+    try:
+        return resolve_model_config(spec, vocab_size=spec.vocab_size or tokenizer.vocab_size)
+    except ValueError as e:  # "field: why"
+        name, _, why = str(e).partition(": ")
+        raise RecipeError(f"{recipe.source_file}: `model.{name}` {why}") from None
+
+
+def build_model(cfg: LlamaConfig, seed: int) -> LlamaModel:
+    """Build and check the model: its parameter count must match the formula (seed 004)."""
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg)
+    expected, actual = count_parameters(cfg), model.num_parameters()
+    assert expected == actual, f"parameter count {actual:,} != {expected:,} from the dims"
+    return model
+
+
+def pretrain_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
+    return stage_fingerprint({"model": recipe.model, "train": recipe.train, "seed": recipe.seed},
+                             paths.pack, paths.tokenizer)
+
+
+def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
+    """Pretrain the recipe's model on the packed tokens; returns pretrain/ (with final/ when done)."""
+    out = paths.pretrain
+    pack_manifest = require_manifest(paths.pack, "pack")
+    tokenizer = Tokenizer.load(paths.tokenizer)
+    if pack_manifest.get("tokenizer_hash") != tokenizer.hash:
+        raise CheckpointError(f"{paths.pack}: packed with tokenizer {pack_manifest.get('tokenizer_hash')}, "
+                              f"but {paths.tokenizer} holds {tokenizer.hash}; rerun the pack stage")
+    fp = pretrain_fingerprint(recipe, paths)
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    elif is_up_to_date(out, fp) and (out / "final").is_dir():
+        return out
+    elif (out / "manifest.json").is_file() and not resume:
+        raise CheckpointError(f"{out} holds a finished run with another config; pass --force to retrain")
+
+    cfg = model_config_for(recipe, tokenizer)
+    model = build_model(cfg, recipe.train.seed)
+    tc = recipe.train
+    device = resolve_device(tc.device)
+    batches = PretrainBatches(load_split(paths.pack, "train"), cfg.seq_len, tc.micro_batch_size, seed=tc.seed,
+                              val_tokens=load_split(paths.pack, "val"), device=device)
+    meta = {"stage": "pretrain", "recipe": recipe.name, "fingerprint": fp}
+    summary = run_training(model, batches, tc, out, tokenizer, meta, resume=resume)
+    if summary["stopped"]:
+        return out
+    write_manifest(out, "pretrain", fp, summary=summary, model=cfg.to_dict(),
+                   parameters=count_parameters(cfg), tokenizer_hash=tokenizer.hash,
+                   pack_fingerprint=pack_manifest["fingerprint"])
+    return out

@@ -1,0 +1,116 @@
+"""The decoder: parameter-count formula for every preset, KV-cache equivalence, GQA, shapes."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_maker.model import KVCache, LlamaConfig, LlamaModel, PRESETS, count_parameters, resolve_model_config
+
+SEED_COUNTS = {  # the figures the seeds report for these shapes
+    "12m": 12_194_048,   # seed 004, model B
+    "100m": 97_536_768,  # seed 004, model D
+    "135m": 134_515_008,  # seed 002
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_formula_matches_built_model(name):
+    cfg = resolve_model_config(SimpleNamespace(preset=name))
+    with torch.device("meta"):  # no memory for the large presets
+        model = LlamaModel(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    if name in SEED_COUNTS:
+        assert count_parameters(cfg) == SEED_COUNTS[name]
+
+
+def test_untied_head_is_a_separate_matrix():
+    cfg = LlamaConfig(vocab_size=300, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seq_len=16,
+                      tie_embeddings=False)
+    m = LlamaModel(cfg)
+    assert m.lm_head.weight.data_ptr() != m.embed_tokens.weight.data_ptr()
+    assert count_parameters(cfg) == m.num_parameters()
+    tied = LlamaModel(LlamaConfig(**{**cfg.to_dict(), "tie_embeddings": True}))
+    assert m.num_parameters() - tied.num_parameters() == 300 * 32
+
+
+@pytest.mark.parametrize("bad,field", [
+    (dict(d_model=130, n_heads=4), "d_model"),
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
+])
+def test_impossible_shapes_name_the_field(bad, field):
+    cfg = LlamaConfig(**{**LlamaConfig().to_dict(), **bad})
+    with pytest.raises(ValueError, match=field):
+        cfg.validate()
+
+
+def _tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**dict(vocab_size=97, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=48,
+                                seq_len=32), **kw})
+    return LlamaModel(cfg).eval()
+
+
+def test_kv_cache_matches_full_forward_in_chunks():
+    model = _tiny()
+    x = torch.randint(0, 97, (2, 24))
+    full = model(x)
+    cache = KVCache(model.config, batch_size=2, max_len=32, device="cpu")
+    parts = [model(x[:, a:b], cache=cache) for a, b in ((0, 10), (10, 11), (11, 20), (20, 24))]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    assert cache.pos == 24
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    """A GQA model equals an MHA model whose k/v projections repeat each KV head per group."""
+    gqa = _tiny(n_kv_heads=2)
+    mha = _tiny(n_kv_heads=4)
+    sd = gqa.state_dict()
+    hd = gqa.config.head_dim
+    for i in range(gqa.config.n_layers):
+        for proj in ("k_proj", "v_proj"):
+            w = sd[f"layers.{i}.self_attn.{proj}.weight"].view(2, hd, -1)
+            sd[f"layers.{i}.self_attn.{proj}.weight"] = w.repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 97, (1, 16))
+    assert torch.allclose(gqa(x), mha(x), atol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = _tiny()
+    x = torch.randint(0, 97, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 97
+    assert torch.allclose(model(x)[0, :10], model(y)[0, :10], atol=1e-6)
+
+
+def test_loss_ignores_minus_100_and_equals_cross_entropy():
+    model = _tiny()
+    x = torch.randint(0, 97, (2, 8))
+    t = torch.randint(0, 97, (2, 8))
+    t[:, :3] = -100
+    logits = model(x)
+    expected = F.cross_entropy(logits.view(-1, 97), t.view(-1), ignore_index=-100)
+    assert torch.allclose(model(x, t), expected, atol=1e-6)
+
+
+def test_a_few_steps_reduce_the_loss():
+    model = _tiny().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 97, (4, 16))
+    losses = []
+    for _ in range(20):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+
+
+def test_weight_decay_only_on_matrices():
+    model = _tiny()
+    decay, no_decay = model.weight_decay_groups(0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert total == model.num_parameters()
