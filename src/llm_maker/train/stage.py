@@ -45,6 +45,17 @@ def pretrain_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
                              paths.pack, paths.tokenizer)
 
 
+def _check_checkpoint_fingerprint(out: Path, fp: str) -> None:
+    """Resuming is for an interrupted run of the same recipe; a changed config must not
+    silently continue (or "finish" at zero steps) from another run's checkpoint."""
+    from llm_maker.train.checkpoint import latest_checkpoint, read_model_config
+
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is not None and read_model_config(ckpt).get("fingerprint") != fp:
+        raise CheckpointError(f"{ckpt} was written with another model/train config or other data; "
+                              f"pass --force to retrain from scratch (this deletes {out})")
+
+
 def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
     """Pretrain the recipe's model on the packed tokens; returns pretrain/ (with final/ when done)."""
     out = paths.pretrain
@@ -61,6 +72,8 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     elif (out / "manifest.json").is_file() and not resume:
         raise CheckpointError(f"{out} holds a finished run with another config; pass --force to retrain")
 
+    if resume:
+        _check_checkpoint_fingerprint(out, fp)
     cfg = model_config_for(recipe, tokenizer)
     model = build_model(cfg, recipe.train.seed)
     tc = recipe.train
