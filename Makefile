@@ -26,7 +26,7 @@ chat: install
 	$(BIN)/llm-maker chat runs/demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/pretrain_throughput_cpu.py

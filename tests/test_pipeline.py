@@ -132,7 +132,7 @@ def test_changed_config_does_not_silently_resume(tmp_path, prose_jsonl, prepared
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"", "empty"),
+    (b"", "no documents left"),
     (b"caf\xe9 au lait, not UTF-8", "UTF-8"),
 ])
 def test_bad_corpus_is_a_clear_error_and_keeps_earlier_artifacts(tmp_path, prose_jsonl, prepared, capsys,
