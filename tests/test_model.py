@@ -114,3 +114,17 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert total == model.num_parameters()
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = _tiny().train()
+    x = torch.randint(0, 97, (2, 16))
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    loss2 = model(x[:, :-1], x[:, 1:])
+    loss2.backward()
+    assert torch.allclose(loss, loss2)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))

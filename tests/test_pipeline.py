@@ -120,6 +120,10 @@ def test_pipeline_runs_then_skips_everything(tmp_path, prose_jsonl, prepared, ca
     out = capsys.readouterr().out
     for stage in ("data", "tokenizer", "pack", "pretrain", "sft", "eval"):
         assert f"[{stage}] up to date, skipped" in out
+    assert "unigram baseline" in out and "Chat with it" in out  # the summary
+    assert main(["generate", str(tmp_path / "d"), "--model", "base", "--prompt", "The", "--temperature", "0",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The")
 
 
 def test_changed_config_does_not_silently_resume(tmp_path, prose_jsonl, prepared, capsys):
