@@ -3,10 +3,19 @@
     llm-maker pipeline RECIPE        every stage in order (skips what is up to date, resumes)
     llm-maker data|tokenizer|pack RECIPE
     llm-maker pretrain|sft RECIPE [--resume] [--force]
+    torchrun --nproc_per_node=N -m llm_maker pretrain RECIPE   N processes: DDP, or FSDP2 (train.distributed)
     llm-maker eval RECIPE
+    llm-maker eval RUN_DIR --suite TASKS [--baseline DIR]   lm-evaluation-harness (+ baselines)
+    llm-maker export RUN_DIR --format hf|gguf --out PATH
+    llm-maker import-hf HF_DIR --out RUN_DIR
     llm-maker generate RUN_DIR --prompt TEXT
     llm-maker chat RUN_DIR
     llm-maker summary RUN_DIR
+    llm-maker serve RUN_DIR [--port 8000] [--rope-scaling 2]   web chat + OpenAI-compatible API on 127.0.0.1
+    llm-maker registry RUNS_DIR                          REGISTRY.md of every model, each run's card.md + plots
+    llm-maker card RUN_DIR                               one run's card.md and training curves
+    llm-maker data-report RUN_DIR                        counts, drops and why, bytes/token, length histogram
+    llm-maker audit RUN_DIR --eval-sets FILE ...         n-gram contamination of evaluation sets
 """
 from __future__ import annotations
 
@@ -48,6 +57,8 @@ def cmd_pipeline(args) -> int:
 def cmd_stage(args) -> int:
     from llm_maker.layout import RunPaths
 
+    if args.command == "eval" and args.suite:  # RUN_DIR --suite: lm-eval, not the recipe's eval stage
+        return cmd_eval_suite(args)
     recipe = _recipe(args)
     paths = RunPaths.of(recipe.run_dir)
     if args.command == "data":
@@ -102,11 +113,95 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_eval_suite(args) -> int:
+    from llm_maker.eval.lm_eval_suite import model_label, run_suite, suite_out_dir
+
+    ours = _model_dir(args.recipe, args.model)
+    models = {model_label(ours): ours}
+    for b in args.baseline or []:
+        name, _, path = b.rpartition("=")
+        models[name or model_label(Path(path))] = _model_dir(path, None)  # a run, llm-maker or HF model dir
+    batch = None if args.batch_size is None else (args.batch_size if args.batch_size == "auto" else int(args.batch_size))
+    out = run_suite(models, args.suite, Path(args.out) if args.out else suite_out_dir(ours), device=args.device,
+                    batch_size=batch, limit=args.limit, force=args.force)
+    print((out / "table.md").read_text(encoding="utf-8"))
+    print(out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    model_dir = _model_dir(args.run_dir, args.model)
+    if args.format == "hf":
+        from llm_maker.export.hf import export_hf
+        out = export_hf(model_dir, args.out, force=args.force, dtype=args.dtype or "float32")
+    else:
+        from llm_maker.export.gguf_export import export_gguf
+        out = export_gguf(model_dir, args.out, force=args.force, dtype=args.dtype or "f16", pre=args.gguf_pre)
+    print(out)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from llm_maker.export.import_hf import import_hf
+
+    print(import_hf(args.hf_dir, args.out, force=args.force))
+    return 0
+
+
 def cmd_summary(args) -> int:
     from llm_maker.layout import RunPaths
     from llm_maker.summary import print_summary
 
     print_summary(RunPaths.of(args.run_dir), None)
+    return 0
+
+
+def cmd_data_report(args) -> int:
+    from llm_maker.artifacts import require_manifest
+    from llm_maker.data.report import write_data_report
+    from llm_maker.layout import RunPaths
+
+    paths = RunPaths.of(args.run_dir)
+    out = Path(args.out) if args.out else paths.pack
+    write_data_report(require_manifest(paths.data, "data"), require_manifest(paths.pack, "pack"), out)
+    print((out / "data_report.md").read_text(encoding="utf-8"))
+    print(out)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from llm_maker.audit import audit_markdown, audit_run, write_audit
+
+    report = audit_run(args.run_dir, args.eval_sets or [], n=args.ngram, sft_heldout=not args.no_sft_heldout,
+                       include_sft_train=not args.no_sft_train, max_examples=args.examples)
+    out = write_audit(report, Path(args.out) if args.out else Path(args.run_dir) / "audit")
+    print(audit_markdown(report))
+    print(out)
+    worst = max((s["fraction_with_overlap"] for s in report["sets"]), default=0.0)
+    return 1 if args.fail_above is not None and worst > args.fail_above else 0
+
+
+def cmd_serve(args) -> int:
+    from llm_maker.serve.server import ServeSettings, serve
+
+    settings = ServeSettings(host=args.host, port=args.port, max_waiting=args.max_waiting,
+                             max_tokens_limit=args.max_tokens_limit)
+    serve(_model_dir(args.run_dir, args.model), settings, rope_scaling=args.rope_scaling, name=args.name,
+          device=args.device)
+    return 0
+
+
+def cmd_registry(args) -> int:
+    from llm_maker.registry import write_registry
+
+    print(write_registry(args.runs_dir, out=args.out, cards=not args.no_cards, force=args.force))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from llm_maker.registry import write_card
+
+    print(write_card(args.run_dir, force=args.force))
     return 0
 
 
@@ -136,6 +231,18 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_suite(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("lm-evaluation-harness (the positional argument is then a RUN_DIR or model directory)")
+    g.add_argument("--suite", help="comma-separated: seeds, lm-eval task names, local .jsonl files, task YAML dirs")
+    g.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
+    g.add_argument("--baseline", action="append", metavar="[NAME=]DIR",
+                   help="a local model (Hugging Face or llm-maker directory) to compare against (repeatable)")
+    g.add_argument("--out", help="where results.json and table.md go (default: RUN_DIR/eval/lm_eval)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    g.add_argument("--batch-size", help="auto or a number (default: auto on GPU, 8 on CPU)")
+    g.add_argument("--limit", type=float, help="at most this many items per task (or a fraction < 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-maker", description="Build small language models from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,7 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe(p)
         if name in ("pretrain", "sft"):
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        if name == "eval":
+            _add_suite(p)
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("export", help="export a model for transformers (hf) or llama.cpp (gguf)")
+    p.add_argument("run_dir", help="a run directory (or a model directory)")
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--out", required=True, help="hf: a directory; gguf: a .gguf file")
+    p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
+    p.add_argument("--dtype", help="hf: float32 (default) | bfloat16 | float16; gguf: f16 (default) | f32")
+    p.add_argument("--gguf-pre", help="llama.cpp pre-tokenizer name, for tokenizers other than llm-maker's BPE")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="turn a local Hugging Face Llama directory into a run to fine-tune")
+    p.add_argument("hf_dir", help="a transformers Llama-family directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--out", required=True, help="the run directory to create (tokenizer/, pretrain/final/)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("generate", help="continue a prompt with a model (streams to the terminal)")
     _add_sampling(p, temperature=0.8)
@@ -166,6 +291,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print a run's summary (artifacts, losses, samples)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("serve", help="serve a model: web chat and an OpenAI-compatible API (FastAPI + uvicorn)")
+    p.add_argument("run_dir", help="a run directory (or a model directory)")
+    p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: there is no authentication)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the model id clients send (default: <recipe>-<stage>)")
+    p.add_argument("--rope-scaling", type=float, metavar="FACTOR",
+                   help="dynamic NTK RoPE scaling: serve FACTOR times the trained context (seed 003: 2)")
+    p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind the running one; more get 503")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("registry", help="scan a runs folder: REGISTRY.md, and each run's card.md + plots")
+    p.add_argument("runs_dir")
+    p.add_argument("--out", help="where to write the table (default: RUNS_DIR/REGISTRY.md)")
+    p.add_argument("--no-cards", action="store_true", help="only the table, no card.md / plots per run")
+    p.add_argument("--force", action="store_true", help="replace files that llm-maker did not write")
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("card", help="write a run's model card (card.md) and training curves (plots/*.png)")
+    p.add_argument("run_dir")
+    p.add_argument("--force", action="store_true", help="replace a card.md that llm-maker did not write")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("data-report", help="the data report: counts, drops and why, bytes/token, length histogram")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="folder for data_report.{json,md} and doc_lengths.png (default: RUN_DIR/pack)")
+    p.set_defaults(func=cmd_data_report)
+
+    p = sub.add_parser("audit", help="n-gram overlap of evaluation sets with the run's training tokens")
+    p.add_argument("run_dir")
+    p.add_argument("--eval-sets", nargs="+", metavar="JSONL",
+                   help="multiple-choice (context/choices/label), chat (messages) or text jsonl files")
+    p.add_argument("--ngram", type=int, default=13, help="n-gram length in tokens (default 13)")
+    p.add_argument("--no-sft-heldout", action="store_true", help="do not audit sft/data/heldout.jsonl")
+    p.add_argument("--no-sft-train", action="store_true", help="training text is the packed pretraining split only")
+    p.add_argument("--examples", type=int, default=5, help="worst items shown per set")
+    p.add_argument("--out", help="folder for contamination.{json,md} (default: RUN_DIR/audit)")
+    p.add_argument("--fail-above", type=float, metavar="FRACTION",
+                   help="exit 1 if a set's fraction of overlapping items exceeds this")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
@@ -180,6 +348,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("llm-maker: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "llm_maker.train.distributed" in sys.modules:  # leave torchrun's process group cleanly
+            sys.modules["llm_maker.train.distributed"].shutdown_distributed()
 
 
 if __name__ == "__main__":

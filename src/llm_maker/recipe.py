@@ -21,12 +21,23 @@ from llm_maker.errors import RecipeError
 
 @dataclass
 class SourceConfig:
-    """One input of the corpus. `type`: builtin | text | jsonl | parquet."""
+    """One input of the corpus. `type`: builtin | text | jsonl | parquet | fineweb-edu."""
 
     type: str = "builtin"
-    path: Optional[str] = None  # file or folder (text/jsonl/parquet)
+    path: Optional[str] = None  # file or folder (text/jsonl/parquet; fineweb-edu: a local folder, else download)
     text_field: str = "text"  # jsonl/parquet column holding the document
     max_documents: Optional[int] = None  # cap for this source (applied after reading, before selection)
+    # fineweb-edu only (see data/fineweb.py): which shards to download, and row filters on its columns
+    repo_id: str = "HuggingFaceFW/fineweb-edu"
+    config: str = "sample-10BT"  # sample-10BT | sample-100BT | sample-350BT | default | CC-MAIN-2024-10 ...
+    revision: str = "main"
+    cache_dir: Optional[str] = None  # download folder; default ~/.cache/llm-maker/hub
+    max_files: Optional[int] = None  # download only the first N parquet shards of the config
+    min_score: Optional[float] = None
+    min_int_score: Optional[int] = None
+    min_language_score: Optional[float] = None
+    min_token_count: Optional[int] = None
+    max_token_count: Optional[int] = None
 
 
 @dataclass
@@ -41,13 +52,15 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """`type: bpe` trains a byte-level BPE; `type: pretrained` loads `path` (a tokenizer.json)."""
+    """`type: bpe` trains a byte-level BPE; `type: pretrained` loads `path`: a tokenizer.json, a
+    folder holding one (or a Hugging Face tokenizer's other files), or a tiktoken `.tiktoken` file."""
 
     type: str = "bpe"
     vocab_size: int = 4096
     min_frequency: int = 2
     path: Optional[str] = None
     max_train_chars: Optional[int] = None  # cap on training text (hash-ordered sample)
+    tiktoken_encoding: Optional[str] = None  # a .tiktoken file's encoding (cl100k_base...); None: its file name
 
 
 @dataclass
@@ -55,6 +68,7 @@ class PackConfig:
     dtype: str = "auto"  # auto | uint16 | uint32
     workers: int = 2
     batch_documents: int = 256  # documents per encode_batch call
+    shard_tokens: int = 100_000_000  # tokens per shard file at most (200 MB in uint16), written as it fills
 
 
 @dataclass
@@ -98,11 +112,37 @@ class TrainConfig:
     seed: int = 1337
     progress: bool = True
     peak_tflops: Optional[float] = None  # device peak for MFU; None: look the device up in train/mfu.py
+    # Under torchrun with N > 1 ranks: ddp (replicated model) | fsdp2 (fully_shard, sharded checkpoints).
+    # grad_accum_steps counts micro-batches per step over all ranks (each rank runs 1/N of them).
+    distributed: str = "ddp"
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings, head, norms)
+    loss_chunk_size: int = 0  # > 0: the loss goes through the head this many tokens at a time (no full logits)
+    mc_eval: Optional[str] = None  # multiple-choice jsonl (context/choices/label) scored at every eval step
+    mc_eval_items: Optional[int] = 200  # score at most this many of its items (None: all)
+    # Optional experiment tracking beside metrics.csv (the `tracking` extra; never required):
+    tensorboard: bool = False  # TensorBoard event files in <stage>/tensorboard/
+    wandb: bool = False  # Weights & Biases (set WANDB_MODE=offline to keep it on this machine)
+    wandb_project: str = "llm-maker"
+
+
+@dataclass
+class SFTSourceConfig:
+    """One instruction set of a mixture (see sft/formats.py)."""
+
+    source: str = "builtin"  # builtin | a .jsonl/.parquet file | hf:owner/name[:config] (needs `datasets`)
+    format: str = "auto"  # auto | messages | sharegpt | alpaca | dolly | squad
+    weight: float = 1.0  # expected copies of each conversation: 0.5 keeps half, 2 repeats each twice
+    split: str = "train"  # hub datasets only
+    max_conversations: Optional[int] = None
 
 
 @dataclass
 class SFTDataConfig:
-    source: str = "builtin"  # builtin | a .jsonl path with {"messages": [...]} per line
+    source: str = "builtin"  # builtin | a .jsonl/.parquet file | hf:owner/name[:config]
+    format: str = "auto"  # format of `source`: auto | messages | sharegpt | alpaca | dolly | squad
+    mixture: list[SFTSourceConfig] = field(default_factory=list)  # several weighted sets; replaces `source`
+    strip_system: bool = False  # drop system messages (a small model may do better without them)
+    dedup: bool = True  # drop exact repeats of a conversation (before weighting)
     heldout_fraction: float = 0.1
     max_conversations: Optional[int] = None
 
@@ -239,7 +279,7 @@ def _type_name(tp: Any) -> str:
 # Semantic validation
 # --------------------------------------------------------------------------------------
 
-SOURCE_TYPES = ("builtin", "text", "jsonl", "parquet")
+SOURCE_TYPES = ("builtin", "text", "jsonl", "parquet", "fineweb-edu")
 TEMPLATES = ("chatml", "parchment")
 
 
@@ -265,11 +305,14 @@ def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool =
     for i, s in enumerate(r.data.sources):
         key = f"data.sources[{i}]"
         _check(s.type in SOURCE_TYPES, f, f"{key}.type", f"must be one of {SOURCE_TYPES}, got {s.type!r}")
-        if s.type != "builtin":
+        if s.type not in ("builtin", "fineweb-edu"):
             _check(s.path is not None, f, f"{key}.path", f"is required for a {s.type} source")
+        if s.path is not None:
             s.path = _resolve(s.path, base)
             if check_files:
                 _check(Path(s.path).exists(), f, f"{key}.path", f"does not exist: {s.path}")
+        s.cache_dir = _resolve(s.cache_dir, base)
+        _validate_fineweb_fields(s, f, key)
         if s.max_documents is not None:
             _check(s.max_documents > 0, f, f"{key}.max_documents", "must be positive")
     d = r.data
@@ -289,6 +332,7 @@ def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool =
 
     _check(r.pack.dtype in ("auto", "uint16", "uint32"), f, "pack.dtype", f"must be auto, uint16 or uint32, got {r.pack.dtype!r}")
     _check(r.pack.workers >= 1, f, "pack.workers", "must be at least 1")
+    _check(r.pack.shard_tokens >= 1024, f, "pack.shard_tokens", f"must be at least 1024, got {r.pack.shard_tokens}")
     if r.pack.dtype == "uint16" and t.type == "bpe":
         _check(t.vocab_size <= 65535, f, "pack.dtype",
                f"is uint16 but tokenizer.vocab_size is {t.vocab_size} (> 65535); use uint32 or auto")
@@ -304,13 +348,39 @@ def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool =
 
     for key, tc in (("train", r.train), ("sft.train", r.sft.train)):
         _validate_train(tc, f, key)
+        tc.mc_eval = _resolve(tc.mc_eval, base)
+        if check_files and tc.mc_eval is not None:
+            _check(Path(tc.mc_eval).is_file(), f, f"{key}.mc_eval", f"does not exist: {tc.mc_eval}")
     _check(r.sft.template in TEMPLATES, f, "sft.template", f"must be one of {TEMPLATES}, got {r.sft.template!r}")
-    if r.sft.data.source != "builtin":
-        r.sft.data.source = _resolve(r.sft.data.source, base)
-        if check_files and r.sft.enabled:
-            _check(Path(r.sft.data.source).exists(), f, "sft.data.source", f"does not exist: {r.sft.data.source}")
+    _validate_sft_source(r.sft.data, f, "sft.data", base, check_files and r.sft.enabled)
+    for i, m in enumerate(r.sft.data.mixture):
+        _validate_sft_source(m, f, f"sft.data.mixture[{i}]", base, check_files and r.sft.enabled)
+        _check(m.weight > 0, f, f"sft.data.mixture[{i}].weight", f"must be positive, got {m.weight}")
     _check(0.0 <= r.sft.data.heldout_fraction < 1.0, f, "sft.data.heldout_fraction", "must be in [0, 1)")
     _check(r.eval.max_new_tokens > 0, f, "eval.max_new_tokens", "must be positive")
+
+
+def _validate_fineweb_fields(s: SourceConfig, f: str, key: str) -> None:
+    """The fineweb-edu fields: checked in data/fineweb.py, which raises ValueError("field: why")."""
+    from llm_maker.data.fineweb import check_source_fields
+
+    try:
+        check_source_fields(s)
+    except ValueError as e:
+        name, _, why = str(e).partition(": ")
+        raise RecipeError(f"{f}: `{key}.{name}` {why}") from None
+
+
+def _validate_sft_source(s: Any, f: str, key: str, base: Path, check_files: bool) -> None:
+    """`source` of sft.data or of a mixture entry: builtin, hf:NAME, or a local file."""
+    from llm_maker.sft.formats import FORMATS
+
+    _check(s.format in FORMATS, f, f"{key}.format", f"must be one of {FORMATS}, got {s.format!r}")
+    if s.source == "builtin" or s.source.startswith("hf:"):
+        return
+    s.source = _resolve(s.source, base)
+    if check_files:
+        _check(Path(s.source).exists(), f, f"{key}.source", f"does not exist: {s.source}")
 
 
 def _validate_train(tc: TrainConfig, f: str, key: str) -> None:
@@ -322,6 +392,17 @@ def _validate_train(tc: TrainConfig, f: str, key: str) -> None:
     _check(0 <= tc.min_lr_ratio <= 1, f, f"{key}.min_lr_ratio", "must be in [0, 1]")
     _check(tc.warmup_steps >= 0, f, f"{key}.warmup_steps", "must be >= 0")
     _check(tc.grad_clip >= 0, f, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(tc.distributed in ("ddp", "fsdp2"), f, f"{key}.distributed", f"must be ddp or fsdp2, got {tc.distributed!r}")
+    _check(tc.optimizer in ("adamw", "muon"), f, f"{key}.optimizer", f"must be adamw or muon, got {tc.optimizer!r}")
+    _check(not (tc.optimizer == "muon" and tc.distributed == "fsdp2"), f, f"{key}.optimizer",
+           "is muon, which needs whole matrices (Newton-Schulz), but fsdp2 shards them; use distributed: ddp")
+    _check(tc.loss_chunk_size >= 0, f, f"{key}.loss_chunk_size", f"must be >= 0 (0: plain loss), got {tc.loss_chunk_size}")
+    for switch, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(tc, switch):
+            import importlib.util
+
+            _check(importlib.util.find_spec(module) is not None, f, f"{key}.{switch}",
+                   f"is on but the `{module}` package is not installed: pip install 'llm-maker[tracking]'")
 
 
 def load_recipe(path: str | Path, overrides: Optional[dict[str, Any]] = None, check_files: bool = True) -> Recipe:

@@ -1,4 +1,5 @@
-"""Read the documents of one corpus source: plain text, JSON Lines, Parquet or the built-in corpus.
+"""Read the documents of one corpus source: plain text, JSON Lines, Parquet, FineWeb-Edu
+(data/fineweb.py: downloaded or local shards, filtered on its quality columns) or the built-in corpus.
 
 Every reader streams (one file, one line or one Parquet batch at a time) so a corpus larger
 than RAM can be read, and every malformed input raises a DataError naming the file (and the
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 from llm_maker.errors import DataError
 from llm_maker.recipe import SourceConfig
@@ -24,13 +26,16 @@ class Document(NamedTuple):
 
 
 def source_label(source: SourceConfig) -> str:
-    """A short name for messages: `builtin` or `jsonl:/data/x.jsonl`."""
+    """A short name for messages: `builtin`, `jsonl:/data/x.jsonl`, `fineweb-edu:HuggingFaceFW/fineweb-edu/sample-10BT`."""
+    if source.type == "fineweb-edu" and source.path is None:
+        return f"fineweb-edu:{source.repo_id}/{source.config}"
     return source.type if source.type == "builtin" else f"{source.type}:{source.path}"
 
 
 def source_files(source: SourceConfig) -> list[Path]:
     """The files a file-based source reads, sorted; a DataError if there are none."""
-    suffixes = {"text": TEXT_SUFFIXES, "jsonl": (".jsonl",), "parquet": (".parquet",)}.get(source.type)
+    suffixes = {"text": TEXT_SUFFIXES, "jsonl": (".jsonl",), "parquet": (".parquet",),
+                "fineweb-edu": (".parquet",)}.get(source.type)
     if suffixes is None:
         raise DataError(f"data source type {source.type!r} has no files; expected text, jsonl or parquet")
     if source.path is None:
@@ -133,12 +138,20 @@ def iter_builtin(source: SourceConfig) -> Iterator[Document]:
 READERS = {"builtin": iter_builtin, "text": iter_text, "jsonl": iter_jsonl, "parquet": iter_parquet}
 
 
-def iter_documents(source: SourceConfig) -> Iterator[Document]:
-    """The documents of one source in a fixed order, at most `source.max_documents` of them."""
-    reader = READERS.get(source.type)
-    if reader is None:
-        raise DataError(f"unknown data source type {source.type!r}; expected one of {', '.join(READERS)}")
-    docs = reader(source)
+def iter_documents(source: SourceConfig, dropped: Optional[Counter] = None) -> Iterator[Document]:
+    """The documents of one source in a fixed order, at most `source.max_documents` of them.
+
+    `dropped` counts rows a reader skipped and why (fineweb-edu's column filters)."""
+    if source.type == "fineweb-edu":
+        from llm_maker.data.fineweb import iter_fineweb
+
+        docs = iter_fineweb(source, dropped)
+    else:
+        reader = READERS.get(source.type)
+        if reader is None:
+            raise DataError(f"unknown data source type {source.type!r}; expected one of "
+                            f"{', '.join([*READERS, 'fineweb-edu'])}")
+        docs = reader(source)
     if source.max_documents is not None:
         docs = itertools.islice(docs, source.max_documents)
     return docs

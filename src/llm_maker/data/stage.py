@@ -3,7 +3,8 @@
     DATA_DIR/
       train.jsonl    {"id": ..., "text": ...} per line, in source order
       val.jsonl
-      manifest.json  counts (kept, dropped by reason, per split), sources with file hashes
+      manifest.json  counts (kept, dropped by reason, per split), sources with file hashes and the
+                     rows each source's own filters dropped (fineweb-edu: by score, language, length)
 
 The outputs are written into a temporary folder beside DATA_DIR that replaces it only once
 every source has been read and checked, so a failure leaves an earlier DATA_DIR untouched.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +37,10 @@ def source_signature(cfg: DataConfig) -> list[dict[str, Any]]:
         if source.type == "builtin":
             signature.append({"type": "builtin", **builtin_signature()})
             continue
+        if source.type == "fineweb-edu" and source.path is None:  # a download: named by repo, config, revision
+            signature.append({"type": source.type, "repo_id": source.repo_id, "config": source.config,
+                              "revision": source.revision, "max_files": source.max_files})
+            continue
         try:
             files = source_files(source)
         except DataError:  # a missing source is reported when the stage runs, not here
@@ -47,11 +53,19 @@ def source_signature(cfg: DataConfig) -> list[dict[str, Any]]:
     return signature
 
 
-def _describe_source(source: SourceConfig, content_sha256: str, documents: int) -> dict[str, Any]:
-    """The manifest's record of one source: its files and their SHA-256 (builtin: its Python)."""
-    entry: dict[str, Any] = {"type": source.type, "documents_read": documents, "content_sha256": content_sha256}
+def _describe_source(source: SourceConfig, content_sha256: str, documents: int,
+                     dropped: Counter) -> dict[str, Any]:
+    """The manifest's record of one source: its files and their SHA-256 (builtin: its Python), and
+    the rows its reader dropped by reason."""
+    entry: dict[str, Any] = {"type": source.type, "documents_read": documents, "content_sha256": content_sha256,
+                             "dropped_by_source": dict(sorted(dropped.items()))}
     if source.type == "builtin":
         entry.update(builtin_signature())
+    elif source.type == "fineweb-edu":
+        from llm_maker.data.fineweb import describe_files
+
+        entry.update(path=source.path, repo_id=source.repo_id, config=source.config, revision=source.revision,
+                     files=describe_files(source))
     else:
         entry["path"] = source.path
         entry["files"] = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -62,18 +76,22 @@ def _describe_source(source: SourceConfig, content_sha256: str, documents: int) 
 def _read_sources(cfg: DataConfig, described: list[dict[str, Any]]) -> Iterator[Document]:
     """All documents of all sources in recipe order; appends each source's record when it ends."""
     for source in cfg.sources:
-        h, n = hashlib.sha256(), 0
-        for doc in iter_documents(source):
+        h, n, dropped = hashlib.sha256(), 0, Counter()
+        for doc in iter_documents(source, dropped):
             h.update(doc.text.encode("utf-8"))
             h.update(b"\0")
             n += 1
             yield doc
-        described.append(_describe_source(source, h.hexdigest(), n))
+        described.append(_describe_source(source, h.hexdigest(), n, dropped))
 
 
-def _check_counts(cfg: DataConfig, counts: SelectionCounts) -> None:
+def _check_counts(cfg: DataConfig, counts: SelectionCounts, described: list[dict[str, Any]]) -> None:
     labels = ", ".join(source_label(s) for s in cfg.sources)
-    dropped = (f"read {counts.read}, dropped {counts.too_short} shorter than data.min_chars={cfg.min_chars}, "
+    by_source = Counter()
+    for entry in described:
+        by_source.update(entry.get("dropped_by_source", {}))
+    filtered = "".join(f"{n} rows failed {reason}, " for reason, n in sorted(by_source.items()))
+    dropped = (f"{filtered}read {counts.read}, dropped {counts.too_short} shorter than data.min_chars={cfg.min_chars}, "
                f"{counts.not_selected} outside data.fraction={cfg.fraction}, {counts.duplicate} duplicates")
     if counts.kept == 0:
         raise DataError(f"no documents left from {labels} ({dropped})")
@@ -99,7 +117,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, force: bool = False) -> Path:
             files = {"train": train, "val": val}
             for split, doc in select_documents(_read_sources(cfg, described), cfg, counts):
                 files[split].write(json.dumps({"id": doc.doc_id, "text": doc.text}, ensure_ascii=False) + "\n")
-        _check_counts(cfg, counts)  # raising here discards tmp and keeps the old out_dir
+        _check_counts(cfg, counts, described)  # raising here discards tmp and keeps the old out_dir
         write_manifest(tmp, "data", fp, counts=counts.as_dict(), sources=described, config=asdict(cfg))
     return out_dir
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm_maker.train.loss import linear_cross_entropy
+
 
 @dataclass
 class LlamaConfig:
@@ -190,6 +192,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
+        self.loss_chunk_size = 0  # > 0: the training loss goes through the head this many tokens at a time
         cos, sin = rope_cos_sin(torch.arange(cfg.seq_len), cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (T_max, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -230,6 +233,9 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
+        if targets is not None and self.loss_chunk_size:  # never the full (B*T, V) logits: see train/loss.py
+            return linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                        self.loss_chunk_size)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits

@@ -12,35 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from llm_maker.artifacts import (atomic_write_json, atomic_write_text, is_up_to_date, require_manifest,
-                                 sha256_file, stage_fingerprint, write_manifest)
+                                 stage_fingerprint, write_manifest)
 from llm_maker.errors import CheckpointError, DataError
 from llm_maker.layout import RunPaths
 from llm_maker.recipe import Recipe
-from llm_maker.sft.builtin import builtin_conversations
-from llm_maker.sft.dataset import SFTBatches, encode_conversations, load_conversations, split_heldout
+from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
 from llm_maker.sft.templates import end_token, jinja_chat_template, stop_token_ids
 from llm_maker.tokenizer.tokenizer import PAD, Tokenizer
 from llm_maker.train.checkpoint import latest_checkpoint, load_model_dir, read_model_config
 
 
-def sft_conversations(recipe: Recipe) -> list[dict[str, Any]]:
-    """The recipe's conversations (built-in set or a .jsonl file), capped at max_conversations."""
-    source = recipe.sft.data.source
-    convs = builtin_conversations(seed=recipe.seed) if source == "builtin" else load_conversations(source)
-    cap = recipe.sft.data.max_conversations
-    return convs[:cap] if cap is not None else convs
+def sft_conversations(recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The recipe's conversations (built-in set, a file in any format of sft/formats.py, a hub
+    dataset or a weighted mixture), capped at max_conversations, and the mixture's counts."""
+    from llm_maker.sft.formats import load_sft_data
+
+    return load_sft_data(recipe.sft.data, seed=recipe.seed, selection_key=recipe.data.selection_key)
 
 
 def sft_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
     """SFT config + upstream fingerprints + what else decides the data: the split key, the
-    recipe seed (built-in set) and the bytes of a .jsonl source."""
-    source = recipe.sft.data.source
-    if source == "builtin":
-        from llm_maker.data.builtin import builtin_signature
+    recipe seed (built-in set), the bytes of each file source, the name of each hub dataset."""
+    from llm_maker.sft.formats import data_signature
 
-        data_sig: Any = {"builtin": builtin_signature(), "seed": recipe.seed}
-    else:
-        data_sig = {"sha256": sha256_file(source)} if Path(source).is_file() else {"missing": source}
+    data_sig = data_signature(recipe.sft.data, recipe.seed)
     return stage_fingerprint(recipe.sft, paths.pretrain, paths.tokenizer,
                              extra={"data": data_sig, "selection_key": recipe.data.selection_key})
 
@@ -92,8 +87,8 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     model, _, _ = load_model_dir(paths.pretrain / "final", device="cpu", expected_tokenizer_hash=tokenizer.hash)
     template = recipe.sft.template
 
-    train, heldout = split_heldout(sft_conversations(recipe), recipe.sft.data.heldout_fraction,
-                                   recipe.data.selection_key)
+    convs, mixture = sft_conversations(recipe)
+    train, heldout = split_heldout(convs, recipe.sft.data.heldout_fraction, recipe.data.selection_key)
     if not train:
         raise DataError(f"no SFT training conversations from sft.data.source={recipe.sft.data.source!r} "
                         f"(max_conversations={recipe.sft.data.max_conversations}, "
@@ -120,6 +115,7 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
                       hf_tokenizer_config(template, model.config.seq_len))
     write_manifest(out, "sft", fp, template=template, summary=summary, tokenizer_hash=tokenizer.hash,
                    tokenizer_fingerprint=tok_manifest.get("fingerprint"),
-                   data={"source": recipe.sft.data.source, "train": train_stats, "heldout": heldout_stats},
+                   data={"source": recipe.sft.data.source, "train": train_stats, "heldout": heldout_stats,
+                         "mixture": mixture},
                    batch_seq_len=batches.seq_len)
     return out

@@ -11,14 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from tokenizers import Tokenizer as HFTokenizer
-
 from llm_maker.artifacts import atomic_dir, is_up_to_date, require_manifest, stage_fingerprint, write_manifest
 from llm_maker.data.stage import iter_split, iter_split_batches
 from llm_maker.errors import DataError, RecipeError
 from llm_maker.recipe import TokenizerConfig
-from llm_maker.tokenizer.tokenizer import (SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, train_bpe,
-                                           with_special_tokens)
+from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
+from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
 
 BYTES_PER_TOKEN_SAMPLE_CHARS = 8 << 20  # val text measured for bytes/token: plenty for 3 digits
 
@@ -47,17 +45,10 @@ def capped_training_texts(data_dir: Path, max_chars: Optional[int]) -> Iterator[
             yield doc.text[: chosen[i]]
 
 
-def load_pretrained(path: str | Path) -> Tokenizer:
-    """A tokenizer.json (or a folder holding one) with any missing special tokens appended."""
-    path = Path(path)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise RecipeError(f"tokenizer.path: {file} not found (expected a tokenizer.json or a folder holding one)")
-    try:
-        hf = HFTokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise RecipeError(f"tokenizer.path: {file} is not a valid tokenizer.json: {e}") from None
-    return Tokenizer(with_special_tokens(hf), source=str(file))
+def load_pretrained(path: str | Path, tiktoken_encoding: Optional[str] = None) -> Tokenizer:
+    """A tokenizer.json (or a folder holding one), a Hugging Face tokenizer folder or a .tiktoken
+    file, with any missing special tokens appended (see tokenizer/pretrained.py)."""
+    return load_pretrained_tokenizer(path, tiktoken_encoding)
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
@@ -102,7 +93,7 @@ def build_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
     elif cfg.type == "pretrained":
         if cfg.path is None:
             raise RecipeError("tokenizer.path is required when tokenizer.type is pretrained")
-        tokenizer = load_pretrained(cfg.path)
+        tokenizer = load_pretrained(cfg.path, cfg.tiktoken_encoding)
     else:
         raise RecipeError(f"tokenizer.type must be bpe or pretrained, got {cfg.type!r}")
     bpt = bytes_per_token(tokenizer, _val_sample(data_dir))

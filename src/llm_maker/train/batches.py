@@ -4,6 +4,11 @@ The token stream is cut into non-overlapping blocks of seq_len + 1 tokens (block
 i * seq_len, so targets overlap the next block's first input by one token). Each epoch visits
 every block once in a fresh order from a seeded permutation. A micro-batch is a pure function
 of its index, so resuming needs only the step count -- and ranks read disjoint slices.
+
+Under torchrun the trainer deals global micro-batch indices to the ranks (rank r of N takes
+r, r+N, ... of each step: train/distributed.py), so every rank builds this one-process view
+and a step covers the same blocks on any number of ranks. `rank`/`world_size` give a rank's
+own interleaved view instead, for a loop that slices the data by itself.
 """
 from __future__ import annotations
 

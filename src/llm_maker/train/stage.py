@@ -15,6 +15,7 @@ from llm_maker.pack import load_split
 from llm_maker.recipe import Recipe
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
+from llm_maker.train.distributed import barrier, init_distributed, local_device
 from llm_maker.train.trainer import resolve_device, run_training
 
 
@@ -57,8 +58,11 @@ def _check_checkpoint_fingerprint(out: Path, fp: str) -> None:
 
 
 def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
-    """Pretrain the recipe's model on the packed tokens; returns pretrain/ (with final/ when done)."""
+    """Pretrain the recipe's model on the packed tokens; returns pretrain/ (with final/ when done).
+
+    Under torchrun every rank runs this; rank 0 alone deletes (--force) and writes the manifest."""
     out = paths.pretrain
+    ctx = init_distributed(resolve_device(recipe.train.device))
     pack_manifest = require_manifest(paths.pack, "pack")
     tokenizer = Tokenizer.load(paths.tokenizer)
     if pack_manifest.get("tokenizer_hash") != tokenizer.hash:
@@ -66,7 +70,9 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
                               f"but {paths.tokenizer} holds {tokenizer.hash}; rerun the pack stage")
     fp = pretrain_fingerprint(recipe, paths)
     if force:
-        shutil.rmtree(out, ignore_errors=True)
+        if ctx.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        barrier(ctx)  # no rank starts writing into `out` while rank 0 deletes it
     elif is_up_to_date(out, fp) and (out / "final").is_dir():
         return out
     elif (out / "manifest.json").is_file() and not resume:
@@ -77,12 +83,14 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     cfg = model_config_for(recipe, tokenizer)
     model = build_model(cfg, recipe.train.seed)
     tc = recipe.train
-    device = resolve_device(tc.device)
+    device = local_device(resolve_device(tc.device), ctx)
+    # Global micro-batch indices: the trainer deals them to the ranks (train/distributed.py), so the
+    # batch source is the one-process one and a step sees the same blocks on any number of ranks.
     batches = PretrainBatches(load_split(paths.pack, "train"), cfg.seq_len, tc.micro_batch_size, seed=tc.seed,
                               val_tokens=load_split(paths.pack, "val"), device=device)
     meta = {"stage": "pretrain", "recipe": recipe.name, "fingerprint": fp}
     summary = run_training(model, batches, tc, out, tokenizer, meta, resume=resume)
-    if summary["stopped"]:
+    if summary["stopped"] or not ctx.is_main:
         return out
     write_manifest(out, "pretrain", fp, summary=summary, model=cfg.to_dict(),
                    parameters=count_parameters(cfg), tokenizer_hash=tokenizer.hash,
