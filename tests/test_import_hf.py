@@ -203,3 +203,29 @@ def test_published_cl100k_ids_are_kept_with_reserved_fillers():
     assert layout[100257] == "<|endoftext|>" and layout[100276] == "<|endofprompt|>"
     assert layout[100256] == "<|reserved_100256|>" and sorted(layout) == list(range(100256, 100277))  # no gaps
     assert special_token_layout(10, cl100k, at_registry_ids=False)[0] == (10, "<|endoftext|>")
+
+
+def test_continued_pretraining_starts_from_the_imported_weights(tmp_path, texts, prose_jsonl):
+    smol_llama(tmp_path / "smol", texts)
+    assert main(["import-hf", str(tmp_path / "smol"), "--out", str(tmp_path / "imported")]) == 0
+    imported = tmp_path / "imported"
+    base = {"run_dir": str(tmp_path / "cont"),
+            "data": {"sources": [{"type": "jsonl", "path": str(prose_jsonl)}]},
+            "tokenizer": {"type": "pretrained", "path": str(imported / "tokenizer")},
+            "model": {"init_from": str(imported / "pretrain" / "final")},
+            "train": dict(max_steps=1, micro_batch_size=2, lr=1e-12, warmup_steps=0, eval_every=1, eval_batches=1,
+                          checkpoint_every=1, log_every=1, progress=False, device="cpu"),
+            "sft": {"enabled": False}, "eval": {"enabled": False}}
+    recipe = tmp_path / "cont.yaml"
+    recipe.write_text(json.dumps(base))
+    assert main(["pipeline", str(recipe)]) == 0
+    start, tok0, _ = load_model_dir(imported / "pretrain" / "final")
+    after, tok1, meta = load_model_dir(tmp_path / "cont" / "pretrain" / "final")
+    assert tok1.hash == tok0.hash and meta["steps"] == 1
+    for name, w in start.state_dict().items():  # an lr of 1e-12 leaves the imported weights in place
+        assert torch.allclose(w, after.state_dict()[name], atol=1e-6), name
+
+    base["model"]["n_layers"] = 3
+    recipe.write_text(json.dumps(base))
+    with pytest.raises(RecipeError, match="model.n_layers.*init_from"):
+        recipe_from_dict(base)

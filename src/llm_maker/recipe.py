@@ -86,6 +86,9 @@ class ModelConfigSpec:
     tie_embeddings: Optional[bool] = None
     rope_theta: Optional[float] = None
     norm_eps: Optional[float] = None
+    # Continued pretraining: start from this model directory (e.g. RUN/pretrain/final made by
+    # `llm-maker import-hf`); its config.json then gives the shape and the dims above must be unset.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -338,6 +341,15 @@ def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool =
                f"is uint16 but tokenizer.vocab_size is {t.vocab_size} (> 65535); use uint32 or auto")
 
     m = r.model
+    if m.init_from is not None:
+        m.init_from = _resolve(m.init_from, base)
+        if check_files:
+            _check((Path(m.init_from) / "config.json").is_file(), f, "model.init_from",
+                   f"is not a model directory (no config.json): {m.init_from}")
+        dims = [n for n in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "vocab_size", "seq_len",
+                            "tie_embeddings", "rope_theta", "norm_eps") if getattr(m, n) is not None]
+        _check(not dims, f, f"model.{dims[0] if dims else ''}", "cannot be set with model.init_from (the "
+               "initial model's config.json gives the shape)")
     if m.preset is not None:
         _check(m.preset in PRESETS, f, "model.preset", f"unknown preset {m.preset!r}; choose one of {sorted(PRESETS)}")
     try:

@@ -7,6 +7,7 @@ shard) and, when the run has one, the SFT training set (sft/data/train.jsonl). E
                           answer, and each other choice, are the item's text
   chat jsonl              {"messages": [...]}: each message (the run's SFT held-out set
                           sft/data/heldout.jsonl is audited by default)
+  cloze jsonl             {"context", "continuation"}: the two joined (lm-eval's loglikelihood rows)
   text jsonl              {"text"}
 
 An item overlaps when any of its token n-grams (13 by default, as GPT-3's audit used words) occurs
@@ -58,10 +59,13 @@ def item_from_row(row: Any, where: str) -> EvalItem:
                                                      for m in messages):
             raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
         return EvalItem([m["content"] for m in messages], " | ".join(m["content"] for m in messages))
+    if isinstance(row.get("context"), str) and isinstance(row.get("continuation"), str):
+        text = row["context"] + row["continuation"]  # the continuation carries its own leading space
+        return EvalItem([text], text)
     if isinstance(row.get("text"), str):
         return EvalItem([row["text"]], row["text"])
-    raise DataError(f"{where}: expected a multiple-choice row (context, choices, label), a chat row (messages) "
-                    f"or a text row (text); fields: {', '.join(sorted(row))}")
+    raise DataError(f"{where}: expected a multiple-choice row (context, choices, label), a chat row (messages), "
+                    f"a cloze row (context, continuation) or a text row (text); fields: {', '.join(sorted(row))}")
 
 
 def read_eval_set(path: Path) -> list[EvalItem]:
@@ -80,14 +84,18 @@ def read_eval_set(path: Path) -> list[EvalItem]:
     return items
 
 
+SOURCE_FILES = {"pretrain": "data/train.jsonl", "sft": "sft/data/train.jsonl"}  # where a match's document is
+
+
 def sft_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
-    """The SFT training set as one token stream: each message's content, EOS after each conversation."""
+    """The SFT training set as one token stream: a conversation's messages joined by newlines, as
+    the chat template places them, EOS after each conversation (so document i is line i + 1)."""
     ids: list[int] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                for m in json.loads(line)["messages"]:
-                    ids.extend(tokenizer.encode(m["content"]) + [tokenizer.eos_id])
+                text = "\n".join(m["content"] for m in json.loads(line)["messages"])
+                ids.extend(tokenizer.encode(text) + [tokenizer.eos_id])
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -140,7 +148,8 @@ def set_report(name: str, items: list[EvalItem], first: int, total: np.ndarray, 
             "item": i, "overlap": round(float(fraction[i]), 4), "matched_ngrams": int(m[i]), "ngrams": int(t[i]),
             "text": items[i].preview[:PREVIEW_CHARS],
             "matched_text": tokenizer.decode(index.entry_tokens(e).tolist()),
-            "found_in": {"source": match.source, "token_offset": match.offset, "document": match.document},
+            "found_in": {"source": match.source, "token_offset": match.offset, "document": match.document,
+                         "file": SOURCE_FILES[match.source], "line": match.document + 1},
         })
     return {"name": name, "items": len(items), "items_scored": scored, "items_too_short": len(items) - scored,
             "items_with_overlap": len(overlapping), "fraction_with_overlap": round(len(overlapping) / max(scored, 1), 6),
@@ -193,7 +202,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"## {s['name']}: worst items", "", "| item | overlap | matched text | found in |",
                       "| ---: | ---: | --- | --- |"]
             for w in s["worst"]:
-                where = f"{w['found_in']['source']} document {w['found_in']['document']}"
+                where = f"{w['found_in']['file']} line {w['found_in']['line']}"
                 text = w["matched_text"].replace("|", "\\|").replace("\n", " ")
                 lines.append(f"| {w['item']} | {w['overlap']:.0%} | {text} | {where} |")
     return "\n".join(lines) + "\n"

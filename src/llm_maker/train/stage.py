@@ -41,6 +41,14 @@ def build_model(cfg: LlamaConfig, seed: int) -> LlamaModel:
     return model
 
 
+def initial_model(model_dir: str, tokenizer: Tokenizer) -> LlamaModel:
+    """The starting point of continued pretraining, refused if it was trained with another tokenizer."""
+    from llm_maker.train.checkpoint import load_model_dir
+
+    model, _, _ = load_model_dir(model_dir, expected_tokenizer_hash=tokenizer.hash)
+    return model
+
+
 def pretrain_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
     return stage_fingerprint({"model": recipe.model, "train": recipe.train, "seed": recipe.seed},
                              paths.pack, paths.tokenizer)
@@ -80,8 +88,12 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
 
     if resume:
         _check_checkpoint_fingerprint(out, fp)
-    cfg = model_config_for(recipe, tokenizer)
-    model = build_model(cfg, recipe.train.seed)
+    if recipe.model.init_from:
+        model = initial_model(recipe.model.init_from, tokenizer)
+        cfg = model.config
+    else:
+        cfg = model_config_for(recipe, tokenizer)
+        model = build_model(cfg, recipe.train.seed)
     tc = recipe.train
     device = local_device(resolve_device(tc.device), ctx)
     # Global micro-batch indices: the trainer deals them to the ranks (train/distributed.py), so the
