@@ -143,17 +143,17 @@ def test_ngram_hashes_are_equal_exactly_for_equal_ngrams():
     assert len({next(iter(v)) for v in grams.values()}) == len(grams)  # and distinct ones differ here
 
 
-@pytest.mark.parametrize("row, message", [
-    ('{"context": "a", "choices": ["b"], "label": 3}', r"bad\.jsonl:2: 'label' must be an index into the 1 choices"),
-    ('{"question": "a"}', r"bad\.jsonl:2: expected a multiple-choice row \(context, choices, label\)"),
-    ('{"context": 1, "choices": []', r"bad\.jsonl:2: not valid JSON"),
-])
 def test_cloze_and_text_rows_are_items(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text('{"context": "Use len to count the items in a", "continuation": " list"}\n{"text": "Plain."}\n')
     assert [i.segments for i in read_eval_set(path)] == [["Use len to count the items in a list"], ["Plain."]]
 
 
+@pytest.mark.parametrize("row, message", [
+    ('{"context": "a", "choices": ["b"], "label": 3}', r"bad\.jsonl:2: 'label' must be an index into the 1 choices"),
+    ('{"question": "a"}', r"bad\.jsonl:2: expected a multiple-choice row \(context, choices, label\)"),
+    ('{"context": 1, "choices": []', r"bad\.jsonl:2: not valid JSON"),
+])
 def test_a_malformed_eval_row_names_file_and_line(tmp_path, row, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + row + "\n")

@@ -203,6 +203,10 @@ def test_a_killed_pack_resumes_to_the_same_bytes(tmp_path, data_dir, tokenizer_d
     assert child.returncode == -signal.SIGKILL and not out.exists()
     listed = json.loads(progress.read_text())["splits"]["train"]["shards"]
     assert 3 <= len(listed) < len(read_manifest(sharded)["shards"]["train"])
+    # no shard is left looking complete unless it is: a final name is listed, whole and hashed
+    for path in (tmp_path / ".pack.partial").glob("*.bin"):
+        entry = next(e for e in listed if e["file"] == path.name)
+        assert path.stat().st_size == 2 * entry["tokens"] and sha256_file(path) == entry["sha256"]
     resumed = pack_tokens(PackConfig(workers=1, shard_tokens=SHARD, batch_documents=50), data_dir, tokenizer_dir, out)
     _same_pack(resumed, sharded)
     for e in read_manifest(resumed)["shards"]["train"]:

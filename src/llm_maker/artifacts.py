@@ -100,19 +100,18 @@ def fingerprint(*parts: Any) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import tokenizers
-    import torch
+    """Installed versions, read from package metadata (importing torch just for this costs ~2 s)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import llm_maker
 
-    return {
-        "llm_maker": llm_maker.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "tokenizers": tokenizers.__version__,
-    }
+    found = {"llm_maker": llm_maker.__version__, "python": platform.python_version()}
+    for name in ("torch", "numpy", "tokenizers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def write_manifest(stage_dir: str | Path, stage: str, fingerprint_: str, **fields: Any) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def report_markdown(report: dict[str, Any], png: Optional[str], no_png: str = "m
     lines += ["", "## Tokens", "", "| split | tokens | shards | text bytes | mean doc tokens | median >= | p90 >= | max |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for split in ("train", "val"):
-        d = report["doc_length_tokens"][split]
+        d = {k: "-" if v is None else v for k, v in report["doc_length_tokens"][split].items()}
         lines.append(f"| {split} | {report['tokens'][split]:,} | {report['shards'].get(split, 1)} | "
                      f"{(report['text_bytes'] or {}).get(split, 0):,} | {d['mean']} | {d['median_at_least']} | "
                      f"{d['p90_at_least']} | {d['max']} |")

@@ -118,6 +118,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: Optional[int], write: bool = True):
         self.path, self.enabled = path, write
+        self.sinks: list = []  # experiment trackers fed every row (registry/trackers.py)
         if not write:  # every checkpoint has its row, so the last row is the resumed step
             self.rows = [{"step": resume_step}] if resume_step else []
             return
@@ -131,8 +132,6 @@ class MetricsLog:
         w.writerows(rows)
         atomic_write_text(path, buf.getvalue())
         self.rows = rows
-
-    sinks: list = []  # experiment trackers fed every row (registry/trackers.py)
 
     def write(self, row: dict[str, Any]) -> None:
         row = {k: ("" if row.get(k) is None else row.get(k)) for k in METRICS_FIELDS}
