@@ -81,10 +81,16 @@ def test_stop_table_counts_stops_and_tokens(tok, words):
     assert table["stop_fraction"] == {"base": 0.0, "sft": 1.0}
     for row, (source, messages) in zip(table["rows"], chats):
         assert row["source"] == source and row["prompt"] == messages[-1]["content"]
-        assert row["base"] == {"text": " and" * 6, "stopped": False, "n_tokens": 6}
-        assert row["sft"] == {"text": " the", "stopped": True, "n_tokens": 1}
+        assert row["base"] == {"text": " and" * 6, "stopped": False, "ended_document": False, "n_tokens": 6}
+        assert row["sft"] == {"text": " the", "stopped": True, "ended_document": False, "n_tokens": 1}
     # parchment stops on <|endoftext|>, which this stub never says: no stops counted.
     assert stop_table(models, tok, chats[:1], "parchment", 4, "cpu")["stop_fraction"] == {"base": 0.0, "sft": 0.0}
+    # A base model that ends the *document* (<|endoftext|>) halts generation, but has not
+    # learned to end its turn: counted apart, not as a stop.
+    doc_ender = successor_model(tok.vocab_size, {words[0]: tok.eos_id}, default=words[0])
+    table = stop_table({"base": doc_ender}, tok, chats, "chatml", 6, "cpu")
+    assert table["stop_fraction"] == {"base": 0.0} and table["ended_document_fraction"] == {"base": 1.0}
+    assert table["rows"][0]["base"]["n_tokens"] == 1
     # No SFT model: empty cells and no fraction.
     table = stop_table({"base": models["base"], "sft": None}, tok, chats, "chatml", 3, "cpu")
     assert table["stop_fraction"] == {"base": 0.0, "sft": None}

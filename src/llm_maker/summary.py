@@ -66,9 +66,10 @@ def summary_lines(paths: RunPaths, results: Optional[dict[str, Any]] = None) -> 
     em = report.get("exact_match") or {}
     st = report.get("stop_table") or {}
     if st:
-        frac = st.get("stop_fraction", {})
-        lines.append(f"Stops at EOS within {st.get('max_new_tokens')} tokens: base {_fmt(frac.get('base'), '.0%')}, "
-                     f"SFT {_fmt(frac.get('sft'), '.0%')}")
+        frac, doc = st.get("stop_fraction", {}), st.get("ended_document_fraction", {})
+        lines.append(f"Ends its answer with {st.get('stop_token', 'EOS')} within {st.get('max_new_tokens')} tokens: "
+                     f"base {_fmt(frac.get('base'), '.0%')}, SFT {_fmt(frac.get('sft'), '.0%')}"
+                     f"   (halted on <|endoftext|> as if a document ended: base {_fmt(doc.get('base'), '.0%')})")
     if em:
         acc = em.get("accuracy", {})
         lines.append(f"Exact match on {em.get('n_items')} held-out items: base {_fmt(acc.get('base'), '.1%')}, "

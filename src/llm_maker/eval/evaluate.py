@@ -31,7 +31,7 @@ from llm_maker.pack import load_split, unigram_loss
 from llm_maker.recipe import Recipe
 from llm_maker.serve.generate import REPLACEMENT_CHAR, answer_ids, complete, complete_ids, generate
 from llm_maker.sft.dataset import load_conversations
-from llm_maker.sft.templates import prompt_ids, stop_token_ids
+from llm_maker.sft.templates import end_token, prompt_ids, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import WEIGHTS, load_model_dir
 
@@ -84,8 +84,12 @@ def perplexity(loss: Optional[float]) -> Optional[float]:
 def stop_table(models: dict[str, Optional[LlamaModel]], tokenizer: Tokenizer, chats: list[tuple[str, list[dict]]],
                template: str, max_new_tokens: int, device: torch.device | str) -> dict[str, Any]:
     """Answer each (source, messages) chat greedily with every model; a model that is None
-    gets None cells. `stop_fraction` is the share of answers that ended on a stop token."""
+    gets None cells. `stopped` means the answer ended with the template's end-of-turn token (the
+    exported tokenizer's eos_token: <|im_end|> for chatml); generation also halts on
+    <|endoftext|>, which a base model emits when it thinks a *document* ended -- that is
+    counted apart as `ended_document`, not as having learned to stop its answer."""
     stop_ids = stop_token_ids(tokenizer, template)
+    turn_end = tokenizer.token_id(end_token(template))
     rows = []
     for source, messages in chats:
         ids = prompt_ids(tokenizer, messages, template)
@@ -94,12 +98,22 @@ def stop_table(models: dict[str, Optional[LlamaModel]], tokenizer: Tokenizer, ch
             if model is None:
                 row[name] = None
                 continue
-            r = complete_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, device=device)
-            row[name] = {"text": r["text"], "stopped": r["stopped"], "n_tokens": r["n_tokens"]}
+            gen = generate(model, ids, max_new_tokens, stop_ids=stop_ids, device=device)
+            new_ids = list(gen)
+            answer = answer_ids(gen)
+            halted_on = new_ids[-1] if gen.stopped else None
+            row[name] = {"text": tokenizer.decode(answer), "n_tokens": len(answer),
+                         "stopped": halted_on == turn_end,
+                         "ended_document": halted_on is not None and halted_on != turn_end}
         rows.append(row)
-    fraction = {name: (sum(r[name]["stopped"] for r in rows) / len(rows) if model is not None and rows else None)
-                for name, model in models.items()}
-    return {"template": template, "max_new_tokens": max_new_tokens, "rows": rows, "stop_fraction": fraction}
+
+    def share(name: str, key: str) -> Optional[float]:
+        return sum(r[name][key] for r in rows) / len(rows) if models[name] is not None and rows else None
+
+    return {"template": template, "max_new_tokens": max_new_tokens, "rows": rows,
+            "stop_token": end_token(template),
+            "stop_fraction": {name: share(name, "stopped") for name in models},
+            "ended_document_fraction": {name: share(name, "ended_document") for name in models}}
 
 
 def can_still_match(answer: str, reference: str) -> bool:

@@ -39,7 +39,12 @@ def stop_cell(answer: Optional[dict[str, Any]]) -> str:
     """seed 004's notation: `eos@13 "text"` stopped after 13 tokens, `cut@48` never stopped."""
     if answer is None:
         return "—"
-    mark = f"eos@{answer['n_tokens']}" if answer["stopped"] else f"cut@{answer['n_tokens']}"
+    if answer["stopped"]:
+        mark = f"eos@{answer['n_tokens']}"
+    elif answer.get("ended_document"):  # halted on <|endoftext|>: a document ended, not the turn
+        mark = f"doc-end@{answer['n_tokens']}"
+    else:
+        mark = f"cut@{answer['n_tokens']}"
     text = answer["text"]
     return f"{mark} {cell(text) if text.strip() else cell(repr(text), 24)}"  # show a blank answer's whitespace
 
@@ -75,8 +80,9 @@ def _stop_section(report: dict[str, Any]) -> list[str]:
         f"**{sum(r[m]['stopped'] for r in st['rows'])}/{n} ({percent(st['stop_fraction'][m])})**" if n else "—"
         for m in names])
     intro = (f"The same prompts in the `{st['template']}` template, answered greedily (at most "
-             f"{st['max_new_tokens']} new tokens). `eos@N`: stopped on the template's stop token after N "
-             "tokens; `cut@N`: never stopped.")
+             f"{st['max_new_tokens']} new tokens). `eos@N`: ended the turn with `{st.get('stop_token', 'EOS')}` "
+             "after N tokens; `doc-end@N`: halted on `<|endoftext|>` as if a document ended (a base "
+             "model's habit, not a learned stop); `cut@N`: never stopped.")
     return ["## Does it answer and stop? (base vs SFT)", "", intro, ""] + _table(["prompt", "from"] + names, rows)
 
 
