@@ -86,7 +86,6 @@ def cmd_stage(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from llm_maker.layout import RunPaths
     from llm_maker.serve.generate import stream_text
     from llm_maker.train.checkpoint import load_model_dir
 

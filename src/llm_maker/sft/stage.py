@@ -19,7 +19,7 @@ from llm_maker.recipe import Recipe
 from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
 from llm_maker.sft.templates import end_token, jinja_chat_template, stop_token_ids
 from llm_maker.tokenizer.tokenizer import PAD, Tokenizer
-from llm_maker.train.checkpoint import latest_checkpoint, load_model_dir, read_model_config
+from llm_maker.train.checkpoint import check_resumable, load_model_dir
 
 
 def sft_conversations(recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -57,14 +57,6 @@ def hf_tokenizer_config(template: str, model_max_length: int) -> dict[str, Any]:
     }
 
 
-def _check_resumable(out: Path, fp: str) -> None:
-    """Refuse to resume checkpoints made for another SFT config (data, template, base model)."""
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is not None and read_model_config(ckpt).get("fingerprint") != fp:
-        raise CheckpointError(f"{ckpt} was trained with another SFT config, data or base model; "
-                              f"run `llm-maker sft RECIPE --force` to start SFT over")
-
-
 def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
     """Fine-tune pretrain/final on chat data with completion-only loss; returns sft/ (with final/ when done)."""
     from llm_maker.train.trainer import run_training  # looked up at call time: tests substitute it
@@ -80,7 +72,8 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     elif (out / "manifest.json").is_file() and not resume:
         raise CheckpointError(f"{out} holds a finished SFT run with another config; pass --force to retrain")
     if resume:
-        _check_resumable(out, fp)
+        check_resumable(out, fp, "SFT config, data or base model",
+                        "run `llm-maker sft RECIPE --force` to start SFT over")
     (out / "manifest.json").unlink(missing_ok=True)  # from here on, sft/ is not a finished stage
 
     tokenizer = Tokenizer.load(paths.tokenizer)

@@ -149,3 +149,12 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def check_resumable(stage_dir: Path, fingerprint_: str, what: str, retrain: str) -> None:
+    """Resuming is for an interrupted run of the same config: refuse the newest checkpoint if it
+    was written with another `what` (config, data, base model), rather than silently continue
+    -- or "finish" at zero steps -- from another run's state. `retrain` says how to start over."""
+    ckpt = latest_checkpoint(Path(stage_dir) / "checkpoints")
+    if ckpt is not None and read_model_config(ckpt).get("fingerprint") != fingerprint_:
+        raise CheckpointError(f"{ckpt} was written with another {what}; {retrain}")

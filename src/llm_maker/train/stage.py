@@ -15,6 +15,7 @@ from llm_maker.pack import load_split
 from llm_maker.recipe import Recipe
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
+from llm_maker.train.checkpoint import check_resumable
 from llm_maker.train.distributed import barrier, init_distributed, local_device
 from llm_maker.train.trainer import resolve_device, run_training
 
@@ -54,17 +55,6 @@ def pretrain_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
                              paths.pack, paths.tokenizer)
 
 
-def _check_checkpoint_fingerprint(out: Path, fp: str) -> None:
-    """Resuming is for an interrupted run of the same recipe; a changed config must not
-    silently continue (or "finish" at zero steps) from another run's checkpoint."""
-    from llm_maker.train.checkpoint import latest_checkpoint, read_model_config
-
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is not None and read_model_config(ckpt).get("fingerprint") != fp:
-        raise CheckpointError(f"{ckpt} was written with another model/train config or other data; "
-                              f"pass --force to retrain from scratch (this deletes {out})")
-
-
 def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
     """Pretrain the recipe's model on the packed tokens; returns pretrain/ (with final/ when done).
 
@@ -87,7 +77,8 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
         raise CheckpointError(f"{out} holds a finished run with another config; pass --force to retrain")
 
     if resume:
-        _check_checkpoint_fingerprint(out, fp)
+        check_resumable(out, fp, "model/train config or other data",
+                        f"pass --force to retrain from scratch (this deletes {out})")
     if recipe.model.init_from:
         model = initial_model(recipe.model.init_from, tokenizer)
         cfg = model.config
