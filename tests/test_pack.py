@@ -147,3 +147,21 @@ def test_unigram_loss_is_add_one_smoothed_cross_entropy(tmp_path, pack_dir):
     assert unigram_loss(p) == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
     loss = unigram_loss(pack_dir)  # real prose, 512 tokens: between "knows nothing" and zero
     assert 3.0 < loss < math.log(512)
+
+
+def test_a_document_mentioning_eos_gets_exactly_one_eos(tmp_path, tokenizer_dir):
+    from llm_maker.pack import load_split, pack_tokens
+    from llm_maker.recipe import PackConfig
+    from llm_maker.tokenizer import Tokenizer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    docs = ["this text mentions <|endoftext|> in the middle", "a second plain document"]
+    for split in ("train", "val"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                                                     for i, t in enumerate(docs)))
+    (data / "manifest.json").write_text(json.dumps({"fingerprint": "x"}))
+    out = pack_tokens(PackConfig(), data, tokenizer_dir, tmp_path / "pack")
+    tok = Tokenizer.load(tokenizer_dir)
+    tokens = np.asarray(load_split(out, "train"))
+    assert int((tokens == tok.eos_id).sum()) == len(docs)

@@ -149,3 +149,15 @@ def test_tokenizer_trains_on_the_train_split_only(data_dir):
     val = {json.loads(line)["text"] for line in (data_dir / "val.jsonl").read_text(encoding="utf-8").splitlines()}
     assert list(capped_training_texts(data_dir, None)) == train
     assert not val & set(train)
+
+
+def test_plain_text_copy_never_turns_text_into_special_tokens():
+    from llm_maker.tokenizer import train_bpe
+
+    tok = train_bpe(iter(["see the <|endoftext|> marker and <|im_end|> too"] * 20), vocab_size=300, min_frequency=1)
+    text = "a doc that mentions <|endoftext|> and <|im_end|>"
+    assert tok.eos_id in tok.encode(text)  # the library default: the string becomes the token
+    plain = tok.as_plain_text()
+    ids = plain.encode(text)
+    assert tok.eos_id not in ids and tok.im_end_id not in ids
+    assert plain.decode(ids) == text and plain.hash == tok.hash

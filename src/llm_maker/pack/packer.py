@@ -95,7 +95,7 @@ def _init_worker(tokenizer_file: str) -> None:
     global _worker_tokenizer
     import os
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core instead of Rust threads
-    _worker_tokenizer = Tokenizer.load(tokenizer_file)
+    _worker_tokenizer = Tokenizer.load(tokenizer_file).as_plain_text()
 
 
 def _encode_in_worker(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,10 +191,11 @@ def pack_tokens(cfg: PackConfig, data_dir: Path, tokenizer_dir: Path, out_dir: P
     require_manifest(data_dir, "data")
     require_manifest(tokenizer_dir, "tokenizer")
     # workers and batch size change how fast, not what is written: they are not fingerprinted
-    fp = stage_fingerprint({"dtype": cfg.dtype, "shard_tokens": cfg.shard_tokens}, data_dir, tokenizer_dir)
+    fp = stage_fingerprint({"dtype": cfg.dtype, "shard_tokens": cfg.shard_tokens, "special_tokens_in_text": "as text"},
+                           data_dir, tokenizer_dir)
     if not force and is_up_to_date(out_dir, fp):
         return out_dir
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir).as_plain_text()  # only EOS between documents is special
     vocab_size = id_space_size(tokenizer)
     dtype = choose_dtype(cfg.dtype, vocab_size)
     if cfg.batch_documents < 1:

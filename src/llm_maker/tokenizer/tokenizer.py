@@ -61,6 +61,14 @@ class Tokenizer:
         atomic_write_text(out, self.hf.to_str(pretty=True))
         return out
 
+    def as_plain_text(self) -> "Tokenizer":
+        """A copy that encodes special-token strings found in text as ordinary text, so a document
+        that merely mentions "<|endoftext|>" cannot inject an end-of-document token (packing uses it;
+        the flag is not part of tokenizer.json, so the hash is unchanged)."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.encode_special_tokens = True
+        return Tokenizer(hf, source=self.source)
+
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
