@@ -4,11 +4,10 @@ import os
 import random
 import re
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_jsonl
+from conftest import fineweb_rows, write_jsonl
 from llm_maker.artifacts import read_manifest, sha256_file
 from llm_maker.data import Document, iter_documents, prepare_data, select_documents, source_signature
 from llm_maker.data.builtin import builtin_documents, docstrings_of_source
@@ -84,20 +83,7 @@ FINEWEB_COLUMNS = ["text", "id", "dump", "url", "date", "file_path", "language",
 
 
 def fineweb_table(texts):
-    n = len(texts)
-    return pa.table({
-        "text": texts,
-        "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
-        "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)],
-        "date": ["2024-02-21T10:00:00Z"] * n,
-        "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
-        "language": ["en"] * n,
-        "language_score": pa.array([0.95] * n, pa.float64()),
-        "token_count": pa.array([len(t.split()) for t in texts], pa.int64()),
-        "score": pa.array([3.1] * n, pa.float64()),
-        "int_score": pa.array([3] * n, pa.int64()),
-    })
+    return fineweb_rows(texts)
 
 
 def test_parquet_with_fineweb_edu_columns_reads_text_in_batches(tmp_path, prose_texts):
@@ -134,9 +120,12 @@ def test_truncated_parquet_is_a_data_error_naming_the_file(tmp_path, prose_texts
 
 def test_corrupt_parquet_pages_are_a_data_error_naming_the_file(tmp_path, prose_texts):
     good = tmp_path / "good.parquet"
-    pq.write_table(fineweb_table(prose_texts[:500]), good, row_group_size=100)
+    pq.write_table(fineweb_table(prose_texts[:500]), good, row_group_size=100, compression="none",
+                   use_dictionary=False)
     data = bytearray(good.read_bytes())
-    data[len(data) // 3: len(data) // 3 + 64] = b"\xab" * 64  # footer intact, a data page garbled
+    at = data.find(prose_texts[250][:40].encode())  # inside a text-column page of a middle row group
+    assert at > 0
+    data[at: at + 64] = b"\xab" * 64  # footer intact, a data page garbled
     (tmp_path / "bad.parquet").write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"bad\.parquet: unreadable Parquet data after row \d+"):
         read("parquet", tmp_path / "bad.parquet")

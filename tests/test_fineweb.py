@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import fineweb_rows
 from llm_maker.data import fineweb, prepare_data
 from llm_maker.data.sources import iter_documents
 from llm_maker.errors import DataError, RecipeError
@@ -29,33 +30,6 @@ needs_hub = pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is No
                                reason="huggingface_hub is not installed (pip install 'llm-maker[data]')")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-FINEWEB_SCHEMA = pa.schema([
-    ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-    ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-    ("language_score", pa.float64()), ("token_count", pa.int64()), ("score", pa.float64()),
-    ("int_score", pa.int64()),
-])
-
-
-def fineweb_rows(texts: list[str], scores: list[float], language_scores: Optional[list[float]] = None,
-                 token_counts: Optional[list[int]] = None) -> pa.Table:
-    """A table with FineWeb-Edu's exact schema; int_score is round(score) as in the dataset."""
-    n = len(texts)
-    return pa.table({
-        "text": texts,
-        "id": [f"<urn:uuid:{i:08d}-0000-0000-0000-000000000000>" for i in range(n)],
-        "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)],
-        "date": ["2024-02-21T12:00:00Z"] * n,
-        "file_path": ["s3://commoncrawl/crawl-data/CC-MAIN-2024-10/x.warc.gz"] * n,
-        "language": ["en"] * n,
-        "language_score": language_scores or [0.95] * n,
-        "token_count": token_counts or [max(1, len(t.split())) for t in texts],
-        "score": scores,
-        "int_score": [int(round(s)) for s in scores],
-    }, schema=FINEWEB_SCHEMA)
-
-
 def write_shard(path: Path, table: pa.Table, row_group_size: int = 64) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=row_group_size)

@@ -162,3 +162,21 @@ def stage_fingerprint(config: Any, *upstream_dirs: str | Path, extra: Any = None
 def is_up_to_date(stage_dir: str | Path, fingerprint_: str) -> bool:
     m = read_manifest(stage_dir)
     return m is not None and m.get("fingerprint") == fingerprint_
+
+
+def iter_jsonl_rows(path: str | Path, what: str = "file") -> Iterator[tuple[str, Any]]:
+    """(`path:line`, parsed row) for each non-blank line of a .jsonl file; a missing file or a
+    malformed line is a DataError naming the file and line."""
+    from llm_maker.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None

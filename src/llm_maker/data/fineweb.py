@@ -375,7 +375,7 @@ def iter_fineweb(source: SourceConfig, dropped: Optional[Counter] = None) -> Ite
                         else:
                             dropped["null_text"] += 1
                     row += batch.num_rows
-        except (pa.ArrowException, OSError) as e:  # a corrupt page or row group past the footer check
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a corrupt page or row group past the footer check
             raise DataError(f"{path}: unreadable parquet data after row {row} ({e})") from None
 
 

@@ -124,7 +124,7 @@ def iter_parquet(source: SourceConfig) -> Iterator[Document]:
                     if text is not None:  # a null cell is an absent document, not an error
                         yield Document(f"{name}:{row}", text)
                     row += 1
-        except (pa.ArrowException, OSError) as e:  # a truncated or corrupt row group
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a truncated or corrupt row group
             raise DataError(f"{path}: unreadable Parquet data after row {row} ({e})") from None
 
 

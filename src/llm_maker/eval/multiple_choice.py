@@ -15,7 +15,6 @@ prefix token (<|endoftext|>), and inputs longer than the context window keep the
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_maker.artifacts import iter_jsonl_rows
 from llm_maker.errors import DataError
 from llm_maker.model.llama import LlamaModel
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -53,18 +53,7 @@ def parse_mc_item(row: object, where: str) -> MCItem:
 
 
 def load_mc_items(path: str | Path) -> list[MCItem]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: multiple-choice file not found")
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
-        items.append(parse_mc_item(row, f"{path}:{n}"))
+    items = [parse_mc_item(row, where) for where, row in iter_jsonl_rows(path, "multiple-choice file")]
     if not items:
         raise DataError(f"{path}: no multiple-choice items")
     return items

@@ -14,6 +14,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
+from llm_maker.artifacts import iter_jsonl_rows
 from llm_maker.data.select import hash_key, unit_hash
 from llm_maker.errors import DataError, LLMMakerError
 from llm_maker.sft.templates import IGNORE_INDEX, encode_chat, validate_messages
@@ -31,25 +32,15 @@ def load_conversations(path: str | Path, allow_empty: bool = False) -> list[dict
     """Rows of a .jsonl file, each {"messages": [...], ...}; blank lines are skipped.
 
     `allow_empty`: an empty file is fine (sft/data/heldout.jsonl when heldout_fraction is 0)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: SFT data file not found")
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise DataError(f'{path}:{lineno}: expected an object with a "messages" list')
-            try:
-                validate_messages(row["messages"])
-            except LLMMakerError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
-            convs.append(row)
+    for where, row in iter_jsonl_rows(path, "SFT data file"):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise DataError(f'{where}: expected an object with a "messages" list')
+        try:
+            validate_messages(row["messages"])
+        except LLMMakerError as e:
+            raise DataError(f"{where}: {e}") from None
+        convs.append(row)
     if not convs and not allow_empty:
         raise DataError(f"{path}: no conversations")
     return convs
