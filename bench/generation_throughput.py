@@ -1,7 +1,7 @@
 """Generation tokens/s, same run: llm-maker with its KV cache, llm-maker without a cache (the
 whole sequence recomputed every token), and transformers' `generate` on the same model
-exported with `llm-maker export --format hf` (with and without its cache); then batched
-decoding (B sequences per step) to see whether batching concurrent requests would pay.
+exported with `llm-maker export --format hf` (with and without its cache); then the server's
+continuous-batching engine (serve/engine.py) with 1, 2, 4 and 8 jobs decoding together.
 
 All greedy, no stop token, the same prompt; the greedy tokens of every path are checked equal
 first (same model, same answer). Rounds alternate between the paths so machine noise hits all
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llm_maker.model.llama import KVCache
+from llm_maker.serve.engine import Batch, ChatEngine, Job, SamplingParams
 from llm_maker.serve.generate import generate
 from llm_maker.train.checkpoint import load_model_dir
 
@@ -47,16 +47,30 @@ def hf_generate(hf, use_cache: bool):
     return run
 
 
-@torch.inference_mode()
-def batched_decode_tokens_per_s(model, batch: int, prompt_len: int, steps: int) -> float:
-    """Decode steps over `batch` sequences at once (what batching concurrent requests would do)."""
-    cache = KVCache(model.config, batch, prompt_len + steps, "cpu")
-    model(torch.randint(4, model.config.vocab_size, (batch, prompt_len)), cache=cache)
-    nxt = torch.randint(4, model.config.vocab_size, (batch, 1))
+class _QuietJob(Job):
+    """A job whose streamed events are kept, not sent to an event loop."""
+
+    def __init__(self, ids: list[int], params: SamplingParams):
+        super().__init__(ids, params, loop=None)
+        self.pieces: list[str] = []
+
+    def emit(self, kind: str, value) -> None:
+        if kind == "text":
+            self.pieces.append(value)
+
+
+def engine_batch_tokens_per_s(engine: ChatEngine, batch: int, prompt: list[int], n: int) -> tuple[float, list[str]]:
+    """The server's continuous-batching engine with `batch` jobs (prompts differing in their last
+    token) decoding `n` greedy tokens each: (decode tokens/s after the prefills, each reply)."""
+    b = Batch(engine, batch)
+    jobs = [_QuietJob(prompt[:-1] + [prompt[-1] + i], SamplingParams(max_tokens=n, temperature=0.0))
+            for i in range(batch)]
+    for job in jobs:
+        b.admit(job)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        nxt = model(nxt, cache=cache)[:, -1:].argmax(-1)
-    return batch * steps / (time.perf_counter() - t0)
+    while len(b):
+        b.step()
+    return batch * (n - 1) / (time.perf_counter() - t0), ["".join(j.pieces) for j in jobs]
 
 
 def main() -> None:
@@ -96,7 +110,12 @@ def main() -> None:
             fn(model, prompt, args.new)
             times[name].append(time.perf_counter() - t0)
     tok_s = {name: args.new / statistics.median(t) for name, t in times.items()}
-    batched = {b: statistics.median(batched_decode_tokens_per_s(model, b, args.prompt_len, args.new)
+    # The server's batching engine: 8 jobs together must give the replies each gives alone.
+    engine = ChatEngine.load(args.model_dir, device="cpu")
+    together = engine_batch_tokens_per_s(engine, 8, prompt, args.new)[1]
+    alone = [engine_batch_tokens_per_s(engine, 1, prompt[:-1] + [prompt[-1] + i], args.new)[1][0] for i in range(8)]
+    assert together == alone, "a batched job's reply differs from its reply alone"
+    batched = {b: statistics.median(engine_batch_tokens_per_s(engine, b, prompt, args.new)[0]
                                     for _ in range(args.rounds)) for b in (1, 2, 4, 8)}
 
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -105,14 +124,14 @@ def main() -> None:
               "rounds": args.rounds, "tokens_per_s": {k: round(v, 1) for k, v in tok_s.items()},
               "kv_cache_speedup": round(tok_s["llm-maker, KV cache"] / tok_s["llm-maker, no cache"], 2),
               "vs_transformers_cached": round(tok_s["llm-maker, KV cache"] / tok_s["transformers generate, cache"], 2),
-              "batched_decode_tokens_per_s": {str(b): round(v, 1) for b, v in batched.items()},
+              "engine_batch_tokens_per_s": {str(b): round(v, 1) for b, v in batched.items()},
               "batch8_over_batch1": round(batched[8] / batched[1], 2)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for name, v in tok_s.items():
         print(f"{name:34s} {v:10,.1f} tokens/s")
     print(f"KV cache speedup {result['kv_cache_speedup']}x; vs transformers (cached) {result['vs_transformers_cached']}x")
-    print("batched decode tokens/s:", result["batched_decode_tokens_per_s"])
+    print("server engine, tokens/s by batch size:", result["engine_batch_tokens_per_s"])
     work.cleanup()
 
 

@@ -4,9 +4,12 @@
 clients sends R requests one after another, each a different prompt answered greedily, and
 checks the streamed text against the model's own answer computed beforehand (so a crossed
 stream or a dropped chunk is an error, not a number). Reports requests/s, streamed tokens/s
-and time to first token (median, p90, max); nothing leaves the machine.
+and time to first token (median, p90, max) for each server batch size in `--max-batch`, run one
+after another on the same model in one process (1 = one request at a time, the baseline);
+nothing leaves the machine.
 
     python bench/server_load.py [--model-dir runs/demo/sft/final] [--clients 8] [--requests 3] [--max-tokens 32]
+                                [--max-batch 1,8]
 """
 from __future__ import annotations
 
@@ -73,6 +76,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
+                    help="server batch sizes to compare, one after another in this run (default 1,8)")
     ap.add_argument("--out", default="bench/results/server_load.json")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: decode steps are too small to share, and extra threads "
@@ -86,11 +91,28 @@ def main() -> None:
             for c in range(args.clients) for r in range(args.requests)]
     expected = {(c, r): expected_answer(engine, m, args.max_tokens) for c, r, m in jobs}
 
+    runs = [run_load(engine, b, jobs, expected, args) for b in args.max_batch]
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "model_dir": args.model_dir, "parameters": engine.model.num_parameters(), "clients": args.clients,
+              "requests": len(jobs), "max_tokens": args.max_tokens, "runs": runs}
+    if len(runs) > 1:
+        first = runs[0]["requests_per_s"]
+        result["requests_per_s_vs_first"] = {str(r["max_batch"]): round(r["requests_per_s"] / first, 2) for r in runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    errors = [e for r in runs for e in r["errors"]]
+    if errors:
+        raise SystemExit(f"{len(errors)} errors")
+
+
+def run_load(engine: ChatEngine, max_batch: int, jobs: list, expected: dict, args) -> dict:
+    """Serve `engine` with `max_batch`, run every client to the end, and summarise."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings(max_waiting=args.clients * 2)),
-                                           log_level="warning"))
+    app = create_app(engine, ServeSettings(max_batch=max_batch, max_waiting=args.clients * 2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -115,24 +137,19 @@ def main() -> None:
     for t in threads:
         t.join(TIMEOUT_S * args.requests)
     wall = time.perf_counter() - t0
+    peak = app.state.worker.peak_batch
     server.should_exit = True
     thread.join(10)
+    sock.close()
 
     ttft = sorted(v[1] for v in results.values())
     chunks = sum(v[3] for v in results.values())
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "model_dir": args.model_dir, "parameters": engine.model.num_parameters(), "clients": args.clients,
-              "requests": len(jobs), "max_tokens": args.max_tokens, "errors": errors,
-              "completed": len(results), "wall_s": round(wall, 2), "requests_per_s": round(len(results) / wall, 2),
-              "streamed_chunks_per_s": round(chunks / wall, 1),
-              "ttft_s": {"median": round(statistics.median(ttft), 3), "p90": round(ttft[int(0.9 * (len(ttft) - 1))], 3),
-                         "max": round(ttft[-1], 3)} if ttft else None,
-              "latency_s_median": round(statistics.median(v[2] for v in results.values()), 3) if results else None}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    if errors:
-        raise SystemExit(f"{len(errors)} errors")
+    return {"max_batch": max_batch, "peak_batch": peak, "errors": errors, "completed": len(results),
+            "wall_s": round(wall, 2), "requests_per_s": round(len(results) / wall, 2),
+            "streamed_chunks_per_s": round(chunks / wall, 1),
+            "ttft_s": {"median": round(statistics.median(ttft), 3), "p90": round(ttft[int(0.9 * (len(ttft) - 1))], 3),
+                       "max": round(ttft[-1], 3)} if ttft else None,
+            "latency_s_median": round(statistics.median(v[2] for v in results.values()), 3) if results else None}
 
 
 if __name__ == "__main__":

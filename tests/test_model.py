@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_maker.model import KVCache, LlamaConfig, LlamaModel, PRESETS, count_parameters, resolve_model_config
+from llm_maker.model import BatchKVCache, KVCache, LlamaConfig, LlamaModel, PRESETS, count_parameters, resolve_model_config
 
 SEED_COUNTS = {  # the figures the seeds report for these shapes
     "12m": 12_194_048,   # seed 004, model B
@@ -59,6 +59,40 @@ def test_kv_cache_matches_full_forward_in_chunks():
     parts = [model(x[:, a:b], cache=cache) for a, b in ((0, 10), (10, 11), (11, 20), (20, 24))]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
     assert cache.pos == 24
+
+
+def test_batch_kv_cache_rows_continue_their_own_sequences():
+    """Rows of different lengths, prefilled one by one, then decoded together (joining, leaving
+    and moving rows between steps) give each sequence's own full-forward logits."""
+    model = _tiny(n_kv_heads=2)
+    torch.manual_seed(1)
+    cache = BatchKVCache(model.config, max_rows=3, max_len=32, device="cpu")
+    seqs: list[list[int]] = []
+
+    def join(n: int) -> None:
+        seqs.append(torch.randint(0, 97, (n,)).tolist())
+        row = cache.add_row()
+        cache.select(slice(row, row + 1))
+        logits = model(torch.tensor([seqs[-1]]), cache=cache)
+        assert torch.allclose(logits, model(torch.tensor([seqs[-1]])), atol=1e-5)
+
+    join(5), join(11)
+    for step in range(8):
+        if step == 2:
+            join(3)  # a newcomer with a short prompt (stale, longer keys may sit past its end)
+        if step == 4:
+            cache.remove_row(0)  # the first leaves; the last row moves into its place
+            seqs[0] = seqs.pop()
+        new = torch.randint(0, 97, (len(seqs), 1))
+        for s, t in zip(seqs, new[:, 0].tolist()):
+            s.append(t)
+        cache.select(slice(0, cache.n))
+        logits = model(new, cache=cache)[:, -1]
+        expected = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+        assert torch.allclose(logits, expected, atol=1e-5), step
+    assert cache.lengths == [len(s) for s in seqs]
+    with pytest.raises(ValueError, match="all 3 rows are in use"):
+        cache.add_row(), cache.add_row()
 
 
 def test_gqa_equals_attention_with_repeated_kv_heads():

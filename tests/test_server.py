@@ -274,9 +274,10 @@ def test_the_official_openai_client_works_unchanged(scripted):
 def test_a_full_queue_answers_503(tok, tmp_path):
     engine = save_chat_model(scripted_model(tok, REPLY), tok, tmp_path / "m")
     gate = threading.Event()
-    real_run = engine.run
-    engine.run = lambda job: (gate.wait(30), real_run(job))  # hold the worker busy until released
-    app = create_app(engine, ServeSettings(max_waiting=1))
+    app = create_app(engine, ServeSettings(max_batch=1, max_waiting=1))
+    batch = app.state.worker.batch
+    real_admit = batch.admit
+    batch.admit = lambda job: (gate.wait(30), real_admit(job))  # hold the worker busy until released
     with running_server(app) as url:
         results = {}
         def request(name):
@@ -369,7 +370,12 @@ def test_eight_concurrent_streaming_clients_get_their_own_answers(tok, tmp_path)
         ids = prompt_ids(tok, user(p), "chatml")
         expected.append(tok.decode([t for t in generate(engine.model, ids, 16) if t not in engine.hidden_ids]))
     assert len(set(expected)) == N_CLIENTS  # distinct answers: a crossed stream would show
-    with running_server(create_app(engine)) as url:
+    app = create_app(engine, ServeSettings(max_batch=N_CLIENTS))
+    worker = app.state.worker
+    gate = threading.Event()
+    real_admit = worker.batch.admit
+    worker.batch.admit = lambda job: (gate.wait(30), real_admit(job))  # the first waits for the others
+    with running_server(app) as url:
         results: dict[int, Any] = {}
         def client(i):
             try:
@@ -379,6 +385,8 @@ def test_eight_concurrent_streaming_clients_get_their_own_answers(tok, tmp_path)
         threads = [threading.Thread(target=client, args=(i,)) for i in range(N_CLIENTS)]
         for t in threads:
             t.start()
+        wait_for(lambda: worker.waiting == N_CLIENTS - 1)  # one is being admitted, the rest queue
+        gate.set()
         for t in threads:
             t.join(90)
         assert all(not t.is_alive() for t in threads)
@@ -387,3 +395,4 @@ def test_eight_concurrent_streaming_clients_get_their_own_answers(tok, tmp_path)
             assert results[i][0] == expected[i], f"client {i} got another stream"
         health = call(url, "GET", "/health")[2]
         assert health["failed"] == 0 and health["rejected"] == 0 and health["completed"] == N_CLIENTS
+        assert health["peak_batch"] == N_CLIENTS  # all eight decoded together, each on its own row

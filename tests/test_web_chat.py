@@ -54,9 +54,10 @@ def chat(tmp_path_factory):
     tok = make_tokenizer()
     engine = save_chat_model(scripted_model(tok, REPLY), tok, tmp_path_factory.mktemp("web") / "model")
     seen = []
-    real_run = engine.run
-    engine.run = lambda job: (seen.append(job.params), real_run(job))
-    with running_server(create_app(engine, ServeSettings(max_tokens_limit=60))) as url:
+    app = create_app(engine, ServeSettings(max_tokens_limit=60))
+    real_admit = app.state.worker.batch.admit
+    app.state.worker.batch.admit = lambda job: (seen.append(job.params), real_admit(job))
+    with running_server(app) as url:
         yield url, seen
 
 

@@ -183,7 +183,7 @@ def cmd_audit(args) -> int:
 def cmd_serve(args) -> int:
     from llm_maker.serve.server import ServeSettings, serve
 
-    settings = ServeSettings(host=args.host, port=args.port, max_waiting=args.max_waiting,
+    settings = ServeSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
                              max_tokens_limit=args.max_tokens_limit)
     serve(_model_dir(args.run_dir, args.model), settings, rope_scaling=args.rope_scaling, name=args.name,
           device=args.device)
@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model id clients send (default: <recipe>-<stage>)")
     p.add_argument("--rope-scaling", type=float, metavar="FACTOR",
                    help="dynamic NTK RoPE scaling: serve FACTOR times the trained context (seed 003: 2)")
-    p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind the running one; more get 503")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests generating together (continuous batching); 1 runs them one by one")
+    p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind the running ones; more get 503")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)

@@ -9,6 +9,9 @@ Design (and why), as in seed 004's table:
   GQA               n_kv_heads < n_heads shares keys/values across query groups: a smaller KV cache.
   tied embeddings   the output head reuses the input embedding: saves V*d parameters.
 
+For generation, `KVCache` holds sequences that advance in step; `BatchKVCache` holds independent
+sequences, each at its own position, for a server that batches concurrent requests.
+
 Module names follow transformers' LlamaForCausalLM, so a state dict maps 1:1 at export.
 Shapes in comments: B batch, T time, C d_model, nh query heads, nkv kv heads, hd head dim.
 """
@@ -98,7 +101,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for generation: (n_layers, B, nkv, max_len, hd) each."""
+    """Preallocated keys/values for generation: (n_layers, B, nkv, max_len, hd) each. Every row
+    is at the same position (one prompt, or prompts of equal length)."""
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -107,21 +111,104 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # tokens already cached
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hd) at the current position; return all cached keys/values."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nkv, T, hd) at the current position; return all cached keys/values and
+        the attention mask, None where SDPA's own causal / full view is right."""
         T = k.size(2)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        mask = None
+        if self.pos and T > 1:  # a chunk after a cached prefix: causal within the chunk, full view of the prefix
+            mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=self.pos)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
 
     def advance(self, n: int) -> None:
         self.pos += n
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class BatchKVCache:
+    """Keys/values for continuous batching: up to `max_rows` independent sequences, each at its
+    own position, (n_layers, max_rows, nkv, max_len, hd) each.
+
+    Rows 0..n-1 are in use (`add_row` takes row n; `remove_row(i)` moves the last row into i),
+    so a decode step over every row attends to a plain slice of the buffers, never a gather.
+    Before each forward, `select(rows)` names the rows it feeds: `slice(0, n)` for a decode step
+    (one token per row), one row for that row's prefill. A row sees only its own keys: the mask
+    hides positions past its length, where an earlier, longer sequence may have left keys."""
+
+    def __init__(self, cfg: LlamaConfig, max_rows: int, max_len: int, device, dtype=torch.float32):
+        shape = (cfg.n_layers, max_rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_rows, self.max_len = max_rows, max_len
+        self.lengths: list[int] = []  # tokens cached per row in use (a host list: no device sync to read)
+        self._rows = slice(0, 0)
+        self._positions: Optional[torch.Tensor] = None  # (B, T) of the forward in progress
+        self._mask: Optional[torch.Tensor] = None  # (B, 1, T, end)
+        self.end = 0  # one past the last position of the forward in progress
+
+    @property
+    def n(self) -> int:
+        return len(self.lengths)
+
+    def add_row(self) -> int:
+        if self.n == self.max_rows:
+            raise ValueError(f"batch KV cache full: all {self.max_rows} rows are in use")
+        self.lengths.append(0)
+        return self.n - 1
+
+    def remove_row(self, i: int) -> None:
+        """Free row i; the last row moves into it (callers reorder their own rows the same way)."""
+        last = self.n - 1
+        if i != last:
+            length = self.lengths[last]
+            self.k[:, i, :, :length] = self.k[:, last, :, :length]
+            self.v[:, i, :, :length] = self.v[:, last, :, :length]
+            self.lengths[i] = length
+        self.lengths.pop()
+
+    def select(self, rows: slice) -> None:
+        if not 0 <= rows.start < rows.stop <= self.n:
+            raise ValueError(f"rows {rows.start}:{rows.stop} are not all in use (0:{self.n})")
+        self._rows = rows
+
+    def begin(self, T: int, device) -> torch.Tensor:
+        """Positions (B, T) of the T tokens about to be fed to each selected row; also builds the
+        mask every layer will use for them."""
+        lengths = self.lengths[self._rows]
+        self.end = max(lengths) + T
+        if self.end > self.max_len:
+            raise ValueError(f"batch KV cache full: {max(lengths)} + {T} tokens > max_len {self.max_len}")
+        start = torch.tensor(lengths, dtype=torch.long, device=device)
+        self._positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
+        keys = torch.arange(self.end, device=device)
+        self._mask = (keys[None, None, :] <= self._positions[:, :, None]).unsqueeze(1)  # (B, 1, T, end)
+        return self._positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nkv, T, hd) at each selected row's own position; return that rows' cached
+        keys/values up to the longest of them, and the mask."""
+        rows, T = self._rows, k.size(2)
+        ck, cv = self.k[layer, rows], self.v[layer, rows]  # views: (B, nkv, max_len, hd)
+        if T == 1:  # a decode step: one position per row, written in one indexed copy
+            b = torch.arange(k.size(0), device=k.device)
+            ck[b, :, self._positions[:, 0]] = k[:, :, 0]
+            cv[b, :, self._positions[:, 0]] = v[:, :, 0]
+        else:
+            for b, start in enumerate(self.lengths[rows]):
+                ck[b, :, start:start + T] = k[b]
+                cv[b, :, start:start + T] = v[b]
+        return ck[:, :, :self.end], cv[:, :, :self.end], self._mask
+
+    def advance(self, n: int) -> None:
+        for i in range(self._rows.start, self._rows.stop):
+            self.lengths[i] += n
 
 
 class Attention(nn.Module):
@@ -134,24 +221,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None):
+    def forward(self, x, cos, sin, cache: Optional[KVCache | BatchKVCache] = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
+        mask = None
         if cache is not None:
-            past = cache.pos
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
-        gqa = self.n_kv_heads != self.n_heads
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1:  # one new token sees every cached position
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # a chunk after a cached prefix: causal within the chunk, full view of the prefix
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
+        # Without a mask: causal when queries and keys are the same positions; one new token
+        # after a cached prefix sees every key.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and k.size(2) == T,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
 
@@ -175,7 +257,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None):
+    def forward(self, x, cos, sin, cache: Optional[KVCache | BatchKVCache] = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -216,13 +298,25 @@ class LlamaModel(nn.Module):
         positions = torch.arange(start, start + T, device=device)  # beyond the trained context
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
+    def _rope_rows(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, 1, T, hd) for per-row positions (B, T), all below `end`; broadcast over heads."""
+        if end <= self.rope_cos.size(0):
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        else:  # beyond the trained context
+            cos, sin = rope_cos_sin(positions.reshape(-1), self.config.head_dim, self.config.rope_theta)
+            cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache | BatchKVCache] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Returns logits (B, T, V), or the mean loss if `targets`
-        (B, T, with -100 for ignored positions) is given."""
+        (B, T, with -100 for ignored positions) is given. With a `BatchKVCache`, each row
+        continues its own sequence at its own position (see that class)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        cos, sin = self._rope(start, T, idx.device)
+        if isinstance(cache, BatchKVCache):
+            cos, sin = self._rope_rows(cache.begin(T, idx.device), cache.end)
+        else:
+            cos, sin = self._rope(cache.pos if cache is not None else 0, T, idx.device)
         cos, sin = cos.to(idx.device), sin.to(idx.device)
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:

@@ -95,6 +95,17 @@ def check_settings(max_new_tokens: int, temperature: float, top_k: Optional[int]
         raise LLMMakerError(f"repetition_penalty must be positive (1.0 is none), got {repetition_penalty}")
 
 
+def sampling_generator(device: torch.device | str, seed: Optional[int]) -> torch.Generator:
+    """A generator of its own for one generation: `seed` makes it reproducible; None seeds it
+    afresh. Either way it is independent of the global RNG and of other generations."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 def fit_context(prompt_len: int, max_new_tokens: int, seq_len: int) -> tuple[int, int]:
     """(prompt tokens to keep, new tokens allowed) so that prompt + new <= seq_len.
 
@@ -126,11 +137,7 @@ class Generation:
         self._sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty)
         self._stop_ids = frozenset(int(i) for i in stop_ids)
-        self._generator = torch.Generator(device=self._device)
-        if seed is None:
-            self._generator.seed()  # fresh randomness, but still independent of the global RNG
-        else:
-            self._generator.manual_seed(seed)
+        self._generator = sampling_generator(self._device, seed)
         self._steps = self._run()
 
     def __iter__(self) -> "Generation":
@@ -179,28 +186,47 @@ def generate(model: LlamaModel, prompt_ids: list[int], max_new_tokens: int, temp
 # Text helpers
 # --------------------------------------------------------------------------------------
 
-def decode_stream(tokenizer: Tokenizer, ids: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
-    """Yield the text of a growing id sequence piece by piece, never splitting a UTF-8 character.
+class TextDecoder:
+    """Push-style text of a growing id sequence, never splitting a UTF-8 character.
 
     Byte-level BPE tokens can end mid-character; decoding such a prefix ends in U+FFFD, so the
-    new suffix is held back until the character completes (and flushed at the end regardless).
+    new suffix is held back until the character completes (`flush` gives it up regardless).
     `skip_ids` (e.g. the stop id) are not shown."""
-    skip = frozenset(skip_ids)
-    acc: list[int] = []
-    shown = ""
-    for token in ids:
-        if token in skip:
-            continue
-        acc.append(token)
-        text = tokenizer.decode(acc)
+
+    def __init__(self, tokenizer: Tokenizer, skip_ids: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.skip = frozenset(skip_ids)
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        """Add one id; return the text that is now complete ("" while a character is pending)."""
+        if token in self.skip:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
         if text.endswith(REPLACEMENT_CHAR):
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown):]
-        shown = text
-    text = tokenizer.decode(acc)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of the stream."""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
+def decode_stream(tokenizer: Tokenizer, ids: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
+    """Yield the text of a growing id sequence piece by piece (see `TextDecoder`)."""
+    decoder = TextDecoder(tokenizer, skip_ids)
+    for token in ids:
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
 
 
 def stream_text(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[int], **kw: Any) -> Iterator[str]:

@@ -9,7 +9,8 @@ so the lowest frequencies stretch to cover S positions while the highest (local 
 barely move; up to L the model is exactly the trained one. transformers recomputes theta'
 at every step past L, so keys already in its KV cache keep the base they were rotated with;
 here one base is chosen per generation from its planned length (prompt + max new tokens),
-so every cached key and every query share it. A full forward over S tokens matches
+so every cached key and every query share it (and the server batches together only jobs that
+need the same base). A full forward over S tokens matches
 transformers' dynamic RoPE exactly (tests/test_rope_scaling.py).
 """
 from __future__ import annotations
@@ -48,12 +49,16 @@ class DynamicRope:
         self.theta = None
         self.prepare(self.trained_len)
 
-    def prepare(self, total_len: int) -> float:
-        """Set the rotary tables for a generation of `total_len` tokens; returns the base used."""
+    def theta_for(self, total_len: int) -> float:
+        """The rotary base a generation of `total_len` tokens needs."""
         if total_len > self.context_len:
             raise LLMMakerError(f"{total_len} tokens exceed the stretched context of {self.context_len}")
-        theta = dynamic_ntk_theta(self.base_theta, self.model.config.head_dim, total_len, self.trained_len,
-                                  self.factor)
+        return dynamic_ntk_theta(self.base_theta, self.model.config.head_dim, total_len, self.trained_len,
+                                 self.factor)
+
+    def prepare(self, total_len: int) -> float:
+        """Set the rotary tables for a generation of `total_len` tokens; returns the base used."""
+        theta = self.theta_for(total_len)
         if theta != self.theta:
             device = self.model.rope_cos.device
             cos, sin = rope_cos_sin(torch.arange(self.context_len, device=device), self.model.config.head_dim, theta)

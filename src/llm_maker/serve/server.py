@@ -11,8 +11,8 @@
 Requests are checked before any work: malformed JSON, an unknown role, a prompt that does
 not fit the context, max_tokens over the bound, a body over the size limit, each a 4xx with
 OpenAI's error body ({"error": {"message", "type", "param", "code"}}). Generation runs on a
-worker thread (serve/engine.py) behind a bounded queue (503 when full); a client that
-disconnects cancels its generation. `rolling_window: true` drops the oldest turns instead of
+worker thread (serve/engine.py) that batches concurrent requests (continuous batching), behind
+a bounded queue (503 when full); a client that disconnects cancels its generation. `rolling_window: true` drops the oldest turns instead of
 refusing a long conversation (the web chat sets it) and reports how many in the
 `X-Dropped-Messages` header.
 """
@@ -43,7 +43,8 @@ DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its cli
 class ServeSettings:
     host: str = "127.0.0.1"  # loopback only unless asked: the server has no authentication
     port: int = 8000
-    max_waiting: int = 16  # requests queued behind the one generating; more get 503
+    max_batch: int = 8  # requests generating together (continuous batching); 1 runs them one by one
+    max_waiting: int = 16  # requests queued behind the running ones; more get 503
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256  # when a request does not say
     max_body_bytes: int = 1 << 20
@@ -52,7 +53,7 @@ class ServeSettings:
         """Refuse impossible settings before the model is loaded."""
         if not 0 <= self.port <= 65535:
             raise LLMMakerError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_waiting", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
+        for name in ("max_batch", "max_waiting", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise LLMMakerError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -261,7 +262,7 @@ async def collect(job: Job, request: Request) -> tuple[str, dict[str, Any]]:
 
 def create_app(engine: ChatEngine, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The FastAPI app serving `engine`; its worker thread starts and stops with the app."""
-    worker = GenerationWorker(engine.run, max_waiting=settings.max_waiting)
+    worker = GenerationWorker(engine, max_batch=settings.max_batch, max_waiting=settings.max_waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -285,7 +286,8 @@ def create_app(engine: ChatEngine, settings: ServeSettings = ServeSettings()) ->
                 "parameters": engine.model.num_parameters(), "context_length": engine.context_len,
                 "trained_context_length": engine.rope.trained_len if engine.rope else engine.context_len,
                 "rope_scaling": engine.rope.factor if engine.rope else None,
-                "max_tokens_limit": settings.max_tokens_limit, "busy": worker.busy, "waiting": worker.waiting,
+                "max_tokens_limit": settings.max_tokens_limit, "busy": worker.busy, "running": worker.running,
+                "max_batch": settings.max_batch, "peak_batch": worker.peak_batch, "waiting": worker.waiting,
                 "max_waiting": settings.max_waiting, "rejected": worker.rejected, "failed": worker.failed,
                 **engine.stats}
 
@@ -332,6 +334,10 @@ def serve(model_dir: str | Path, settings: ServeSettings = ServeSettings(), rope
 
     settings.validate()
     engine = ChatEngine.load(model_dir, name=name, rope_scaling=rope_scaling, device=device)
+    app = create_app(engine, settings)  # allocates the batch's KV cache now, not at the first request
+    cache = app.state.worker.batch.cache
+    cache_mb = (cache.k.nbytes + cache.v.nbytes) / 2**20
     print(f"Serving {engine.name} ({engine.model.num_parameters():,} parameters, {engine.context_len}-token "
-          f"context) on http://{settings.host}:{settings.port}/  (OpenAI API at /v1)", flush=True)
-    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="warning")
+          f"context, up to {settings.max_batch} requests at once: {cache_mb:,.0f} MB of KV cache) on "
+          f"http://{settings.host}:{settings.port}/  (OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
