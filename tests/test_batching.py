@@ -220,3 +220,19 @@ def test_stopping_the_worker_ends_running_and_waiting_jobs_with_an_error(engine)
 def test_max_batch_must_be_positive(engine):
     with pytest.raises(Exception, match="max_batch must be at least 1, got 0"):
         Batch(engine, 0)
+
+
+def test_a_job_that_fails_in_its_prefill_fails_alone(engine):
+    """An id outside the vocabulary makes the prefill raise: that job gets an error; the job
+    already running keeps its row and its answer."""
+    batch = Batch(engine, max_rows=2)
+    good = RecordedJob(ids_for(engine, QUESTIONS[0]), SamplingParams(max_tokens=10, temperature=0.0))
+    batch.admit(good)
+    batch.step()
+    bad = RecordedJob(ids_for(engine, "x") + [engine.tokenizer.vocab_size + 5], SamplingParams(max_tokens=4))
+    with pytest.raises(IndexError):
+        batch.admit(bad)
+    assert len(batch) == 1 and batch.cache.n == 1
+    while len(batch):
+        batch.step()
+    assert good.text == alone(engine, good.prompt_ids, good.params)

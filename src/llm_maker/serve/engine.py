@@ -170,6 +170,7 @@ class _Row:
         self.sampling = dict(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                              repetition_penalty=p.repetition_penalty)
         self.generator = sampling_generator(device, p.seed)
+        self.plain_greedy = p.temperature == 0.0 and p.repetition_penalty == 1.0  # the argmax, nothing else
         self.decoder = TextDecoder(engine.tokenizer, skip_ids=engine.hidden_ids)
         self.stopper = StopText(p.stop)
         self.stopped = False  # ended on a stop id
@@ -216,15 +217,17 @@ class Batch:
         if self.engine.rope is not None and not self.rows:
             self.engine.rope.prepare(len(prompt) + max_new)
         i = self.cache.add_row()
-        self.rows.append(_Row(job, prompt, max_new, self.engine, self.device))
+        row = _Row(job, prompt, max_new, self.engine, self.device)
+        self.rows.append(row)
         try:
             self.cache.select(slice(i, i + 1))
             logits = self.engine.model(torch.tensor([prompt], dtype=torch.long, device=self.device),
                                        cache=self.cache)[0, -1]  # (V,)
+            self._advance(i, logits)
         except BaseException:
-            self._remove(i)
+            if i < len(self.rows) and self.rows[i] is row:  # not already finished and removed
+                self._remove(i)
             raise
-        self._advance(i, logits)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -237,8 +240,11 @@ class Batch:
         self.cache.select(slice(0, len(self.rows)))
         idx = torch.tensor([[row.new_ids[-1]] for row in self.rows], dtype=torch.long, device=self.device)
         logits = self.engine.model(idx, cache=self.cache)[:, -1]  # (B, V)
+        # Plain greedy rows take one argmax over the batch (one device sync, not one per row).
+        greedy = [i for i, row in enumerate(self.rows) if row.plain_greedy]
+        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         for i in reversed(range(len(self.rows))):  # backwards: a row that leaves is replaced by one already done
-            self._advance(i, logits[i])
+            self._advance(i, logits[i], picked.get(i))
 
     def fail(self, message: str) -> int:
         """End every running job with an error (after a failed step); returns how many."""
@@ -248,10 +254,12 @@ class Batch:
             self._remove(i)
         return n
 
-    def _advance(self, i: int, logits: torch.Tensor) -> None:
-        """Sample row i's next token from its logits (V,), stream its text, end it if done."""
+    def _advance(self, i: int, logits: torch.Tensor, token: Optional[int] = None) -> None:
+        """Sample row i's next token from its logits (V,) unless `token` is already picked, stream
+        its text, end it if done."""
         row = self.rows[i]
-        token = next_token(logits, row.seen, generator=row.generator, **row.sampling)
+        if token is None:
+            token = next_token(logits, row.seen, generator=row.generator, **row.sampling)
         row.new_ids.append(token)
         row.seen.add(token)
         if token in self._stop_ids:
