@@ -1,7 +1,7 @@
 """Generation tokens/s, same run: llm-maker with its KV cache, llm-maker without a cache (the
 whole sequence recomputed every token), and transformers' `generate` on the same model
 exported with `llm-maker export --format hf` (with and without its cache); then the server's
-continuous-batching engine (serve/engine.py) with 1, 2, 4 and 8 jobs decoding together.
+continuous-batching engine (serve/batching.py) with 1, 2, 4 and 8 jobs decoding together.
 
 All greedy, no stop token, the same prompt; the greedy tokens of every path are checked equal
 first (same model, same answer). Rounds alternate between the paths so machine noise hits all
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from llm_maker.serve.engine import Batch, ChatEngine, Job, SamplingParams
+from llm_maker.serve.batching import Batch
+from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.serve.generate import generate
 from llm_maker.train.checkpoint import load_model_dir
 

@@ -1,4 +1,4 @@
-"""serve/engine.py's continuous batching, driven directly (no HTTP): jobs that decode together
+"""serve/batching.py's continuous batching, driven directly (no HTTP): jobs that decode together
 get exactly the answer each would get alone, join and leave between steps, and a failure or a
 cancellation touches only what it must."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 import pytest
-from llm_maker.serve.engine import Batch, ChatEngine, GenerationWorker, Job, SamplingParams
+from llm_maker.serve.batching import Batch, GenerationWorker
+from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.serve.generate import answer_ids, generate
 from llm_maker.sft.templates import prompt_ids
 from llm_maker.train.checkpoint import save_model_dir

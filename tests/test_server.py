@@ -1,5 +1,5 @@
-"""serve/server.py + serve/engine.py: the OpenAI-compatible API over a real uvicorn server on
-a free loopback port, with tiny models whose answers are known in advance."""
+"""serve/server.py + serve/engine.py + serve/batching.py: the OpenAI-compatible API over a real
+uvicorn server on a free loopback port, with tiny models whose answers are known in advance."""
 from __future__ import annotations
 
 import http.client

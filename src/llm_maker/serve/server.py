@@ -11,7 +11,7 @@
 Requests are checked before any work: malformed JSON, an unknown role, a prompt that does
 not fit the context, max_tokens over the bound, a body over the size limit, each a 4xx with
 OpenAI's error body ({"error": {"message", "type", "param", "code"}}). Generation runs on a
-worker thread (serve/engine.py) that batches concurrent requests (continuous batching), behind
+worker thread (serve/batching.py) that batches concurrent requests (continuous batching), behind
 a bounded queue (503 when full); a client that disconnects cancels its generation. `rolling_window: true` drops the oldest turns instead of
 refusing a long conversation (the web chat sets it) and reports how many in the
 `X-Dropped-Messages` header.
@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llm_maker.errors import LLMMakerError
 from llm_maker.serve.chat import fit_history
-from llm_maker.serve.engine import ChatEngine, GenerationWorker, Job, QueueFull, SamplingParams
+from llm_maker.serve.batching import GenerationWorker, QueueFull
+from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.sft.templates import prompt_ids
 
 WEB_DIR = Path(__file__).parent / "web"
