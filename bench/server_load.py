@@ -22,6 +22,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import uvicorn
@@ -42,8 +43,8 @@ def expected_answer(engine: ChatEngine, messages: list[dict], max_tokens: int) -
     return engine.tokenizer.decode([t for t in gen if t not in engine.hidden_ids])
 
 
-def stream_once(port: int, messages: list[dict], max_tokens: int) -> tuple[str, float, float, int]:
-    """(text, seconds to first content, total seconds, content chunks) of one streamed request."""
+def stream_once(port: int, messages: list[dict], max_tokens: int) -> tuple[str, Optional[float], float, int]:
+    """(text, seconds to first content or None, total seconds, content chunks) of one streamed request."""
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -67,7 +68,7 @@ def stream_once(port: int, messages: list[dict], max_tokens: int) -> tuple[str, 
             text += delta
             chunks += 1
     conn.close()
-    return text, first if first is not None else float("nan"), time.perf_counter() - t0, chunks
+    return text, first, time.perf_counter() - t0, chunks  # first: None for an empty reply
 
 
 def main() -> None:
@@ -142,9 +143,10 @@ def run_load(engine: ChatEngine, max_batch: int, jobs: list, expected: dict, arg
     thread.join(10)
     sock.close()
 
-    ttft = sorted(v[1] for v in results.values())
+    ttft = sorted(v[1] for v in results.values() if v[1] is not None)
     chunks = sum(v[3] for v in results.values())
     return {"max_batch": max_batch, "peak_batch": peak, "errors": errors, "completed": len(results),
+            "empty_replies": sum(v[1] is None for v in results.values()),  # stopped at once: no first token
             "wall_s": round(wall, 2), "requests_per_s": round(len(results) / wall, 2),
             "streamed_chunks_per_s": round(chunks / wall, 1),
             "ttft_s": {"median": round(statistics.median(ttft), 3), "p90": round(ttft[int(0.9 * (len(ttft) - 1))], 3),
