@@ -100,6 +100,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+CacheView = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # keys, values, attention mask (None: SDPA's own)
+
+
 class KVCache:
     """Preallocated keys/values for generation: (n_layers, B, nkv, max_len, hd) each. Every row
     is at the same position (one prompt, or prompts of equal length)."""
@@ -111,7 +114,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # tokens already cached
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CacheView:
         """Store k, v (B, nkv, T, hd) at the current position; return all cached keys/values and
         the attention mask, None where SDPA's own causal / full view is right."""
         T = k.size(2)
@@ -191,8 +194,8 @@ class BatchKVCache:
         self._mask = (keys[None, None, :] <= self._positions[:, :, None]).unsqueeze(1)  # (B, 1, T, end)
         return self._positions
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nkv, T, hd) at each selected row's own position; return that rows' cached
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CacheView:
+        """Store k, v (B, nkv, T, hd) at each selected row's own position; return those rows' cached
         keys/values up to the longest of them, and the mask."""
         rows, T = self._rows, k.size(2)
         ck, cv = self.k[layer, rows], self.v[layer, rows]  # views: (B, nkv, max_len, hd)

@@ -11,10 +11,10 @@
 Requests are checked before any work: malformed JSON, an unknown role, a prompt that does
 not fit the context, max_tokens over the bound, a body over the size limit, each a 4xx with
 OpenAI's error body ({"error": {"message", "type", "param", "code"}}). Generation runs on a
-worker thread (serve/batching.py) that batches concurrent requests (continuous batching), behind
-a bounded queue (503 when full); a client that disconnects cancels its generation. `rolling_window: true` drops the oldest turns instead of
-refusing a long conversation (the web chat sets it) and reports how many in the
-`X-Dropped-Messages` header.
+worker thread (serve/batching.py) that batches concurrent requests (continuous batching),
+behind a bounded queue (503 when full); a client that disconnects cancels its generation.
+`rolling_window: true` drops the oldest turns instead of refusing a long conversation (the web
+chat sets it) and reports how many in the `X-Dropped-Messages` header.
 """
 from __future__ import annotations
 
