@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llm_maker.artifacts import read_manifest
@@ -34,7 +33,6 @@ def summary_lines(paths: RunPaths, results: Optional[dict[str, Any]] = None) -> 
         state = status or ("done" if read_manifest(d) else "missing")
         lines.append(f"  {stage:10s} {d}  ({state})")
 
-    data = read_manifest(paths.data) or {}
     tok = read_manifest(paths.tokenizer) or {}
     pack = read_manifest(paths.pack) or {}
     pre = read_manifest(paths.pretrain) or {}
