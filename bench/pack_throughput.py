@@ -6,7 +6,7 @@
 1. Writes FineWeb-Edu-schema parquet shards (snappy, as the dataset ships) of at least
    --parquet-mb MB into a temporary folder: documents of 2-12 paragraphs of the built-in corpus
    drawn at random, so they are distinct, with random scores. Nothing is kept afterwards.
-2. Runs the data stage on them (a fineweb-edu source with min_int_score: 3) and trains a
+2. Runs the data stage on them (a fineweb-edu source with filters: {min_int_score: 3}) and trains a
    4,096-token BPE (the demo's size) on a sample.
 3. Packs data/{train,val}.jsonl three ways, each in a fresh subprocess:
      llm-maker pack_tokens, workers=2 (a process pool, each worker single-threaded)
@@ -40,7 +40,8 @@ PYTHON = sys.executable
 
 OURS = """
 import sys
-from llm_maker.pack import pack_tokens, packer
+from llm_maker.pack import packer
+from llm_maker.pack.packer import pack_tokens
 from llm_maker.recipe import PackConfig
 packer.POOL_MIN_BYTES = 0  # the pool whenever workers > 1
 pack_tokens(PackConfig(workers=int(sys.argv[4]), shard_tokens=16_000_000), sys.argv[1], sys.argv[2], sys.argv[3])
@@ -48,9 +49,9 @@ pack_tokens(PackConfig(workers=int(sys.argv[4]), shard_tokens=16_000_000), sys.a
 
 DATA = """
 import sys
-from llm_maker.data import prepare_data
-from llm_maker.recipe import DataConfig, SourceConfig
-prepare_data(DataConfig(sources=[SourceConfig(type="fineweb-edu", path=sys.argv[1], min_int_score=3)],
+from llm_maker.data.stage import prepare_data
+from llm_maker.recipe import DataConfig, FineWebFilters, SourceConfig
+prepare_data(DataConfig(sources=[SourceConfig(type="fineweb-edu", path=sys.argv[1], filters=FineWebFilters(min_int_score=3))],
                         val_fraction=0.01), sys.argv[2])
 """
 

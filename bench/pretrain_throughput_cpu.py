@@ -19,7 +19,9 @@ from types import SimpleNamespace
 
 import torch
 
-from llm_maker.model import LlamaModel, resolve_model_config
+from llm_maker.model.llama import LlamaModel
+from llm_maker.model.presets import resolve_model_config
+from llm_maker.train.loss import CausalLMLoss
 
 
 def hf_model(cfg):
@@ -54,7 +56,7 @@ def timed_steps(loss_fn, model, opt, x, y, steps: int) -> float:
 
 
 def ours_loss(model, x, y):
-    return model(x, y)
+    return CausalLMLoss(model)(x, y)
 
 
 def hf_loss(model, x, y):

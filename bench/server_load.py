@@ -40,7 +40,7 @@ TIMEOUT_S = 120.0  # per request: the load is bounded in time as well as in coun
 def expected_answer(engine: ChatEngine, messages: list[dict], max_tokens: int) -> str:
     ids = prompt_ids(engine.tokenizer, messages, engine.template)
     gen = generate(engine.model, ids, max_tokens, stop_ids=stop_token_ids(engine.tokenizer, engine.template))
-    return engine.tokenizer.decode([t for t in gen if t not in engine.hidden_ids])
+    return engine.tokenizer.decode([t for t in gen if t not in engine.special_ids])
 
 
 def stream_once(port: int, messages: list[dict], max_tokens: int) -> tuple[str, Optional[float], float, int]:

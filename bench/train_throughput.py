@@ -26,10 +26,13 @@ from typing import Callable, Optional
 
 import torch
 
-from llm_maker.model import LlamaModel, resolve_model_config
+from llm_maker.model.llama import LlamaModel
+from llm_maker.model.presets import resolve_model_config
 from llm_maker.recipe import TrainConfig
 from llm_maker.train.mfu import device_peak_tflops, mfu
-from llm_maker.train.trainer import make_optimizer, resolve_device, resolve_precision, train_step
+from llm_maker.devices import resolve_device, resolve_precision
+from llm_maker.train.loss import CausalLMLoss
+from llm_maker.train.trainer import make_optimizer, train_step
 
 # The issue's shapes: model preset, sequence length, micro-batch (tokens per step = batch x seq)
 # and the loss chunk (the 100K vocabulary's logits are the memory peak of the 166m).
@@ -67,9 +70,9 @@ def ours_step(cfg, tc: TrainConfig, device, x, y) -> tuple[Callable[[], None], t
     """llm-maker: the model and optimizer as run_training sets them up, stepped by train_step."""
     model = LlamaModel(cfg).to(device)
     model.train()
-    model.loss_chunk_size = tc.loss_chunk_size
     optimizer = make_optimizer(model, tc, device)
-    module = torch.compile(model) if tc.compile else model
+    module = CausalLMLoss(model, tc.loss_chunk_size)
+    module = torch.compile(module) if tc.compile else module
     amp = resolve_precision(tc.precision, device)
     batches, loss_acc = FixedBatch(x, y), torch.zeros((), device=device)
     return lambda: train_step(module, model, optimizer, batches, [0], tc, device, amp, loss_acc), model

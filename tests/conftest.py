@@ -49,7 +49,7 @@ def data_config(prose_jsonl) -> DataConfig:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, data_config) -> Path:
     """A finished data stage (train.jsonl, val.jsonl, manifest.json) over `prose_jsonl`."""
-    from llm_maker.data import prepare_data
+    from llm_maker.data.stage import prepare_data
 
     return prepare_data(data_config, tmp_path_factory.mktemp("run") / "data")
 
@@ -57,7 +57,7 @@ def data_dir(tmp_path_factory, data_config) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(data_dir) -> Path:
     """A 512-token byte-level BPE trained on `data_dir`'s train split."""
-    from llm_maker.tokenizer import build_tokenizer
+    from llm_maker.tokenizer.stage import build_tokenizer
 
     return build_tokenizer(TokenizerConfig(vocab_size=512), data_dir, data_dir.parent / "tokenizer")
 
@@ -65,7 +65,7 @@ def tokenizer_dir(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def pack_dir(data_dir, tokenizer_dir) -> Path:
     """`data_dir` encoded with `tokenizer_dir` into train.bin / val.bin (uint16)."""
-    from llm_maker.pack import pack_tokens
+    from llm_maker.pack.packer import pack_tokens
 
     return pack_tokens(PackConfig(workers=1), data_dir, tokenizer_dir, data_dir.parent / "pack")
 

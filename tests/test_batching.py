@@ -65,7 +65,7 @@ def alone(engine: ChatEngine, ids: list[int], p: SamplingParams) -> str:
                    repetition_penalty=p.repetition_penalty, stop_ids=engine.stop_ids, seed=p.seed)
     for _ in gen:
         pass
-    return engine.tokenizer.decode([t for t in answer_ids(gen) if t not in engine.hidden_ids])
+    return engine.tokenizer.decode([t for t in answer_ids(gen) if t not in engine.special_ids])
 
 
 def mixed_params(i: int) -> SamplingParams:

@@ -1,5 +1,5 @@
 """The chunked cross-entropy: the same loss and gradients as the plain one, without keeping the
-(N, V) logits for backward; the model's `loss_chunk_size` switch; training with it."""
+(N, V) logits for backward; `CausalLMLoss(model, chunk_size)` against the plain loss; training with it."""
 import csv
 
 import pytest
@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from llm_maker.model.llama import LlamaConfig, LlamaModel
-from llm_maker.pack import load_split
+from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
-from llm_maker.train.loss import linear_cross_entropy
+from llm_maker.train.loss import CausalLMLoss, linear_cross_entropy
 from llm_maker.train.trainer import run_training
 
 N, C, V = 100, 16, 300
@@ -85,7 +85,7 @@ def test_all_ignored_is_nan_like_the_plain_loss_and_bad_chunk_is_an_error():
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_model_switch_gives_the_same_loss_and_parameter_gradients(tie):
+def test_chunked_loss_module_gives_the_same_loss_and_parameter_gradients(tie):
     torch.manual_seed(0)
     model = LlamaModel(LlamaConfig(vocab_size=V, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
                                    seq_len=16, tie_embeddings=tie))
@@ -93,15 +93,14 @@ def test_model_switch_gives_the_same_loss_and_parameter_gradients(tie):
     y[:, :5] = -100
     grads = []
     for chunk in (0, 20):
-        model.loss_chunk_size = chunk
         model.zero_grad()
-        loss = model(x, y)
+        loss = CausalLMLoss(model, chunk)(x, y)
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (l0, g0), (l1, g1) = grads
     assert l1 == pytest.approx(l0, abs=1e-6)
     assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
-    assert model(x).shape == (3, 16, V)  # without targets: logits, as before
+    assert CausalLMLoss(model, 20)(x).shape == (3, 16, V)  # without targets: logits, as the model's
 
 
 def test_training_with_the_chunked_loss_follows_the_same_curve(tmp_path, pack_dir, tokenizer_dir):

@@ -11,11 +11,12 @@ import pytest
 
 from llm_maker.artifacts import read_manifest
 from llm_maker.cli import main
-from llm_maker.data import prepare_data
+from llm_maker.data.stage import prepare_data
 from llm_maker.data.report import build_data_report, histogram_quantile, write_data_report
-from llm_maker.pack import load_split, pack_tokens
+from llm_maker.pack.packer import pack_tokens
+from llm_maker.pack.shards import load_split
 from llm_maker.pack.shards import LENGTH_EDGES
-from llm_maker.recipe import DataConfig, PackConfig, SourceConfig
+from llm_maker.recipe import DataConfig, FineWebFilters, PackConfig, SourceConfig
 from test_fineweb import fineweb_rows, write_shard
 
 
@@ -29,7 +30,8 @@ def fineweb_run(tmp_path_factory, prose_texts, tokenizer_dir):
     half = len(texts) // 2
     write_shard(root.parent / "fw" / "000_00000.parquet", fineweb_rows(texts[:half], scores[:half], lang[:half]))
     write_shard(root.parent / "fw" / "001_00000.parquet", fineweb_rows(texts[half:], scores[half:], lang[half:]))
-    source = SourceConfig(type="fineweb-edu", path=str(root.parent / "fw"), min_int_score=3, min_language_score=0.5)
+    source = SourceConfig(type="fineweb-edu", path=str(root.parent / "fw"),
+                          filters=FineWebFilters(min_int_score=3, min_language_score=0.5))
     data = prepare_data(DataConfig(sources=[source], val_fraction=0.1, min_chars=2), root / "data")
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     pack_tokens(PackConfig(workers=1, shard_tokens=30_000), data, root / "tokenizer", root / "pack")

@@ -23,7 +23,7 @@ import yaml
 from llm_maker.cli import main
 from llm_maker.errors import RecipeError
 from llm_maker.model.llama import LlamaConfig, LlamaModel
-from llm_maker.pack import load_split
+from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches

@@ -12,7 +12,7 @@ from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.eval.evaluate import exact_match, read_heldout, run_eval, stop_table, validation_loss
 from llm_maker.eval.report import cell, render_markdown
 from llm_maker.layout import RunPaths
-from llm_maker.pack import unigram_loss
+from llm_maker.pack.shards import unigram_loss
 from llm_maker.recipe import Recipe
 from llm_maker.train.checkpoint import save_model_dir
 from test_generate import make_tokenizer, random_model, successor_model, training_text

@@ -14,10 +14,10 @@ from llm_maker.export.hf import export_hf, hf_weight_name
 from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.serve.generate import generate
 from llm_maker.sft.builtin import builtin_conversations
-from llm_maker.sft.stage import hf_tokenizer_config
-from llm_maker.sft.templates import encode_chat, prompt_ids, stop_token_ids
+from llm_maker.sft.templates import encode_chat, hf_tokenizer_config, prompt_ids, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import load_model_dir, save_model_dir
+from llm_maker.train.loss import CausalLMLoss
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,7 +38,7 @@ def train_tiny(tokens, tok, tie: bool, steps: int = 30, seed: int = 0) -> LlamaM
     for _ in range(steps):
         starts = rng.integers(0, len(tokens) - 65, 8)
         block = torch.from_numpy(np.stack([tokens[s:s + 65] for s in starts]))
-        model(block[:, :-1], block[:, 1:]).backward()
+        CausalLMLoss(model)(block[:, :-1], block[:, 1:]).backward()
         opt.step()
         opt.zero_grad()
     return model.eval()
@@ -93,7 +93,7 @@ def test_export_loads_as_llama_without_remote_code_and_matches_logits(name, mode
     assert diff < 1e-4
     # the model learned something: its loss on held-out text is far below uniform (ln 512 = 6.24)
     with torch.no_grad():
-        assert ours(x[:, :-1], x[:, 1:]).item() < 5.6
+        assert CausalLMLoss(ours)(x[:, :-1], x[:, 1:]).item() < 5.6
 
 
 @pytest.mark.parametrize("name", ["base", "sft"])
@@ -148,7 +148,8 @@ def test_model_card_has_the_seed_sections(exported):
     assert card.startswith("---\nlibrary_name: transformers\n")
     for heading in ("## Use", "## Architecture", "## Training", "## Evaluation", "## Intended use and limits"):
         assert heading in card
-    assert "| attention heads (query / key-value) | 4 / 2 |" in card and "apply_chat_template" in card
+    # one architecture table for both cards (export/card.py), so the head dim sits beside the head counts
+    assert "| attention heads (query / key-value) | 4 / 2 (head dim 16) |" in card and "apply_chat_template" in card
     facts = {"name": "m", "stage": "sft", "config": LlamaConfig().to_dict(), "parameters": 123,
              "chat_template": "chatml", "training": [{"stage": "sft", "steps": 5, "tokens_seen": 640,
                                                       "final_loss": 1.5, "val_loss": 2.0}],

@@ -6,6 +6,7 @@ huggingface_hub's own client does the downloading, nothing above the HTTP bounda
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -21,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import fineweb_rows
-from llm_maker.data import fineweb, prepare_data
-from llm_maker.data.sources import iter_documents
+from llm_maker.data import fineweb
+from llm_maker.data.stage import prepare_data
+from llm_maker.data.stage import iter_documents
 from llm_maker.errors import DataError, RecipeError
-from llm_maker.recipe import DataConfig, SourceConfig, recipe_from_dict
+from llm_maker.recipe import DataConfig, FineWebFilters, SourceConfig, recipe_from_dict
 
 needs_hub = pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is None,
                                reason="huggingface_hub is not installed (pip install 'llm-maker[data]')")
@@ -129,6 +131,11 @@ def hub_source(tmp_path: Path, **kw) -> SourceConfig:
     return SourceConfig(type="fineweb-edu", cache_dir=str(tmp_path / "cache"), **kw)
 
 
+def local_source(folder: Path, **filters) -> SourceConfig:
+    """A fineweb-edu source reading `folder`, with these row filters (FineWebFilters' fields)."""
+    return SourceConfig(type="fineweb-edu", path=str(folder), filters=FineWebFilters(**filters) if filters else None)
+
+
 @pytest.fixture
 def three_shards(tmp_path, prose_texts):
     """Three shards of sample/10BT as bytes, rows with scores 2.6 .. 4.9."""
@@ -151,8 +158,7 @@ def test_local_shards_are_filtered_on_the_datasets_columns(tmp_path, prose_texts
     tokens = [50 + i for i in range(300)]
     write_shard(tmp_path / "fw" / "000_00000.parquet", fineweb_rows(texts[:150], scores[:150], lang[:150], tokens[:150]))
     write_shard(tmp_path / "fw" / "001_00000.parquet", fineweb_rows(texts[150:], scores[150:], lang[150:], tokens[150:]))
-    source = SourceConfig(type="fineweb-edu", path=str(tmp_path / "fw"), min_int_score=4,
-                          min_language_score=0.9, max_token_count=320)
+    source = local_source(tmp_path / "fw", min_int_score=4, min_language_score=0.9, max_token_count=320)
     dropped = Counter()
     docs = list(iter_documents(source, dropped))
     keep = [i for i in range(300) if round(scores[i]) >= 4 and lang[i] >= 0.9 and tokens[i] <= 320]
@@ -169,7 +175,7 @@ def test_local_shards_are_filtered_on_the_datasets_columns(tmp_path, prose_texts
 def test_data_stage_reads_fineweb_and_records_filters_and_hashes(tmp_path, prose_texts):
     shard = write_shard(tmp_path / "fw" / "000_00000.parquet",
                         fineweb_rows(prose_texts[:200], [3.0 + (i % 3) for i in range(200)]))
-    cfg = DataConfig(sources=[SourceConfig(type="fineweb-edu", path=str(tmp_path / "fw"), min_score=3.5)],
+    cfg = DataConfig(sources=[local_source(tmp_path / "fw", min_score=3.5)],
                      val_fraction=0.1)
     out = prepare_data(cfg, tmp_path / "data")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -186,14 +192,14 @@ def test_null_texts_and_null_scores_are_dropped_and_counted(tmp_path, prose_text
     table = table.set_column(9, "score", pa.array([3.5, None, 3.5, 3.5, 3.5, 3.5], pa.float64()))
     write_shard(tmp_path / "fw" / "a.parquet", table)
     dropped = Counter()
-    docs = list(iter_documents(SourceConfig(type="fineweb-edu", path=str(tmp_path / "fw"), min_score=3.0), dropped))
+    docs = list(iter_documents(local_source(tmp_path / "fw", min_score=3.0), dropped))
     assert [d.doc_id for d in docs] == ["a.parquet:0", "a.parquet:3", "a.parquet:4", "a.parquet:5"]
     assert dropped == Counter(min_score=1, null_text=1)
 
 
 def test_filters_that_drop_everything_say_so(tmp_path, prose_texts):
     write_shard(tmp_path / "fw" / "a.parquet", fineweb_rows(prose_texts[:20], [3.0] * 20))
-    cfg = DataConfig(sources=[SourceConfig(type="fineweb-edu", path=str(tmp_path / "fw"), min_int_score=5)])
+    cfg = DataConfig(sources=[local_source(tmp_path / "fw", min_int_score=5)])
     with pytest.raises(DataError, match=r"no documents left from fineweb-edu:.*\(20 rows failed min_int_score, read 0"):
         prepare_data(cfg, tmp_path / "data")
 
@@ -233,7 +239,7 @@ def _bad_shard(kind: str, folder: Path, prose_texts: list[str]) -> Path:
 def test_a_bad_shard_is_a_clear_error_and_leaves_earlier_data_intact(tmp_path, prose_texts, kind, message):
     folder = tmp_path / "fw"
     write_shard(folder / "000_00000.parquet", fineweb_rows(prose_texts[300:500], [3.6] * 200))
-    source = SourceConfig(type="fineweb-edu", path=str(folder), min_score=3.0)
+    source = local_source(folder, min_score=3.0)
     before = prepare_data(DataConfig(sources=[source], val_fraction=0.1), tmp_path / "data")
     snapshot = {p.name: p.read_bytes() for p in before.iterdir()}
     _bad_shard(kind, folder, prose_texts)
@@ -246,7 +252,7 @@ def test_a_bad_shard_is_a_clear_error_and_leaves_earlier_data_intact(tmp_path, p
 def test_an_empty_folder_is_an_error(tmp_path):
     (tmp_path / "fw").mkdir()
     with pytest.raises(DataError, match=r"fw: no \*\.parquet files in this fineweb-edu folder"):
-        list(iter_documents(SourceConfig(type="fineweb-edu", path=str(tmp_path / "fw"))))
+        list(iter_documents(local_source(tmp_path / "fw")))
 
 
 # --------------------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def test_the_data_stage_downloads_then_reads_the_shards(tmp_path, three_shards, 
     with FakeHub(fineweb.DEFAULT_REPO, three_shards) as hub:
         real = fineweb.download_shards  # the stage calls it without an endpoint: point it at the local hub
         monkeypatch.setattr(fineweb, "download_shards", lambda s, endpoint=None: real(s, endpoint=hub.endpoint))
-        cfg = DataConfig(sources=[hub_source(tmp_path, min_int_score=4)], val_fraction=0.1)
+        cfg = DataConfig(sources=[hub_source(tmp_path, filters=FineWebFilters(min_int_score=4))], val_fraction=0.1)
         out = prepare_data(cfg, tmp_path / "data")
     manifest = json.loads((out / "manifest.json").read_text())
     kept_per_shard = sum(1 for j in range(40) if round(2.6 + (j % 10) * 0.25) >= 4)
@@ -376,14 +382,18 @@ def test_an_unknown_config_folder_is_named(tmp_path, three_shards):
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source, message", [
-    ({"type": "fineweb-edu", "min_int_score": 2},
-     r"`data.sources\[0\].min_int_score` is 2, but HuggingFaceFW/fineweb-edu holds only rows with int_score >= 3; "
-     r"set repo_id: HuggingFaceFW/fineweb-edu-score-2"),
+    ({"type": "fineweb-edu", "filters": {"min_int_score": 2}},
+     r"`data.sources\[0\].filters.min_int_score` is 2, but HuggingFaceFW/fineweb-edu holds only rows with "
+     r"int_score >= 3; set repo_id: HuggingFaceFW/fineweb-edu-score-2"),
     ({"type": "fineweb-edu", "config": "sample-10B"}, r"`data.sources\[0\].config` must be sample-NBT"),
-    ({"type": "fineweb-edu", "min_language_score": 1.5}, r"`data.sources\[0\].min_language_score` must be in \[0, 1\]"),
-    ({"type": "fineweb-edu", "min_token_count": 500, "max_token_count": 100},
-     r"`data.sources\[0\].min_token_count` 500 is above max_token_count 100"),
-    ({"type": "builtin", "min_score": 3.0}, r"`data.sources\[0\].min_score` applies only to fineweb-edu sources"),
+    ({"type": "fineweb-edu", "filters": {"min_language_score": 1.5}},
+     r"`data.sources\[0\].filters.min_language_score` must be in \[0, 1\]"),
+    ({"type": "fineweb-edu", "filters": {"min_token_count": 500, "max_token_count": 100}},
+     r"`data.sources\[0\].filters.min_token_count` 500 is above max_token_count 100"),
+    ({"type": "builtin", "filters": {"min_score": 3.0}},
+     r"`data.sources\[0\].filters.min_score` applies only to fineweb-edu sources"),
+    ({"type": "builtin", "max_files": 2}, r"`data.sources\[0\].max_files` applies only to fineweb-edu sources"),
+    ({"type": "fineweb-edu", "filters": {"min_scor": 3.0}}, r"unknown key `data.sources\[0\].filters.min_scor`"),
 ])
 def test_recipe_rejects_impossible_fineweb_settings(source, message):
     with pytest.raises(RecipeError, match=message):
@@ -392,6 +402,10 @@ def test_recipe_rejects_impossible_fineweb_settings(source, message):
 
 def test_recipe_accepts_a_score_2_threshold_on_the_score_2_repo():
     r = recipe_from_dict({"data": {"sources": [{"type": "fineweb-edu", "repo_id": fineweb.SCORE_2_REPO,
-                                                "min_int_score": 2, "config": "CC-MAIN-2024-10"}]}})
+                                                "filters": {"min_int_score": 2}, "config": "CC-MAIN-2024-10"}]}})
     assert fineweb.config_folder(r.data.sources[0].config) == "data/CC-MAIN-2024-10"
     assert fineweb.config_folder("sample-100BT") == "sample/100BT" and fineweb.config_folder("default") == "data"
+
+
+def test_every_recipe_filter_has_a_column():
+    assert list(fineweb.FILTERS) == [f.name for f in dataclasses.fields(FineWebFilters)]

@@ -11,7 +11,7 @@ from llm_maker.errors import LLMMakerError
 from llm_maker.export.gguf_export import export_gguf, permute_for_llama_cpp
 from llm_maker.model.llama import apply_rope, rope_cos_sin
 from llm_maker.serve.generate import generate
-from llm_maker.sft.stage import hf_tokenizer_config
+from llm_maker.sft.templates import hf_tokenizer_config
 from llm_maker.sft.templates import jinja_chat_template, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import load_model_dir, save_model_dir

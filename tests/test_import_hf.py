@@ -17,7 +17,7 @@ from llm_maker.export.import_hf import import_hf, llama_config_from_hf
 from llm_maker.layout import RunPaths
 from llm_maker.recipe import TokenizerConfig, recipe_from_dict
 from llm_maker.serve.generate import generate
-from llm_maker.tokenizer import build_tokenizer
+from llm_maker.tokenizer.stage import build_tokenizer
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer, special_token_layout
 from llm_maker.train.checkpoint import load_model_dir
 
@@ -90,7 +90,7 @@ def test_sft_runs_on_an_imported_model(tmp_path, texts):
                  checkpoint_every=3, log_every=1, progress=False, device="cpu")
     recipe = recipe_from_dict({"run_dir": str(tmp_path / "run"),
                                "sft": {"data": {"max_conversations": 40}, "train": train}})
-    from llm_maker.sft import run_sft
+    from llm_maker.sft.stage import run_sft
 
     out = run_sft(recipe, RunPaths.of(tmp_path / "run"))
     model, tok, meta = load_model_dir(out / "final")

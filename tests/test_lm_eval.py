@@ -1,6 +1,6 @@
 """eval/lm_eval_suite.py: local jsonl tasks run through lm-evaluation-harness offline on an export;
 our native multiple-choice scores equal lm-eval's; the comparison table and win rates; the
-`llm-maker eval RUN_DIR --suite` verb and the plain `lm_eval --model hf` CLI on an export."""
+`llm-maker lm-eval RUN_DIR --suite` verb and the plain `lm_eval --model hf` CLI on an export."""
 import json
 import os
 import subprocess
@@ -109,7 +109,7 @@ def test_native_scores_equal_lm_eval_on_the_same_task_and_model(tmp_path, run_di
 
 def test_eval_suite_verb_writes_results_and_comparison(tmp_path, run_dir, capsys):
     out = tmp_path / "lm"
-    argv = ["eval", str(run_dir), "--suite", f"{MC},{CLOZE},{TEXT}", "--model", "base",
+    argv = ["lm-eval", str(run_dir), "--suite", f"{MC},{CLOZE},{TEXT}", "--model", "base",
             "--baseline", f"early={run_dir / 'sft' / 'final'}", "--out", str(out), "--limit", "6"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -126,7 +126,7 @@ def test_eval_suite_verb_writes_results_and_comparison(tmp_path, run_dir, capsys
     assert results["models"]["run/pretrain"]["n_samples"]["llm_maker_python_mc"]["effective"] == 6
     assert main(argv) == 2  # results exist: not replaced without --force
     assert "pass --force" in capsys.readouterr().err
-    assert main(["eval", str(run_dir), "--suite", "no_such_task_xyz", "--out", str(tmp_path / "x")]) == 2
+    assert main(["lm-eval", str(run_dir), "--suite", "no_such_task_xyz", "--out", str(tmp_path / "x")]) == 2
     assert "no_such_task_xyz" in capsys.readouterr().err
 
 

@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm_maker.model import LlamaModel, resolve_model_config
+from llm_maker.model.llama import LlamaModel
+from llm_maker.model.presets import resolve_model_config
 from llm_maker.model.llama import LlamaConfig
-from llm_maker.pack import load_split
+from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches

@@ -101,6 +101,7 @@ def test_pretraining_logs_multiple_choice_accuracy_at_eval_steps(tmp_path, tok, 
 
     from llm_maker.recipe import TrainConfig
     from llm_maker.train.batches import PretrainBatches
+    from llm_maker.train.stage import multiple_choice_evaluations
     from llm_maker.train.trainer import run_training
 
     ids = np.array([i for t in tok.encode_batch(prose_texts[:300]) for i in t + [tok.eos_id]], dtype=np.int64)
@@ -110,7 +111,8 @@ def test_pretraining_logs_multiple_choice_accuracy_at_eval_steps(tmp_path, tok, 
     tc = TrainConfig(device="cpu", max_steps=4, micro_batch_size=4, eval_every=2, eval_batches=1, checkpoint_every=4,
                      log_every=1, warmup_steps=1, progress=False, mc_eval=str(DATA / "python_mc.jsonl"), mc_eval_items=8)
     batches = PretrainBatches(ids, 32, 4, seed=0, val_tokens=ids[:2000])
-    run_training(model, batches, tc, tmp_path, tok, {"stage": "pretrain"})
+    run_training(model, batches, tc, tmp_path, tok, {"stage": "pretrain"},
+                 evaluations=multiple_choice_evaluations(tc, tok))  # what the pretrain stage passes
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f)}
     assert rows[1]["mc_acc"] == ""  # measured at eval steps (2, 4), carried between them like val_loss

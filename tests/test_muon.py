@@ -7,11 +7,12 @@ import torch
 
 from llm_maker.errors import RecipeError
 from llm_maker.model.llama import LlamaConfig, LlamaModel
-from llm_maker.pack import load_split
+from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig, recipe_from_dict
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
 from llm_maker.train.checkpoint import load_model_dir
+from llm_maker.train.loss import CausalLMLoss
 from llm_maker.train.muon import MuonWithAdamW, split_parameters
 from llm_maker.train.trainer import make_optimizer, run_training
 
@@ -53,7 +54,7 @@ def test_muon_step_is_an_orthogonalised_update():
     w = model.layers[0].mlp.up_proj.weight  # (64, 32)
     before = w.detach().clone()
     x = torch.randint(0, 512, (4, 32))
-    model(x, x).backward()
+    CausalLMLoss(model)(x, x).backward()
     opt.step()
     update = (before - w.detach()) / (0.01 * 0.2 * math.sqrt(64))
     s = torch.linalg.svdvals(update)

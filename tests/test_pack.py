@@ -9,12 +9,13 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from conftest import write_jsonl
 from llm_maker.artifacts import read_manifest, sha256_file, write_manifest
-from llm_maker.data import prepare_data
+from llm_maker.data.stage import prepare_data
 from llm_maker.errors import DataError
-from llm_maker.pack import choose_dtype, documents_to_tokens, load_split, pack_tokens, unigram_loss
+from llm_maker.pack.packer import choose_dtype, documents_to_tokens, pack_tokens
+from llm_maker.pack.shards import load_split, unigram_loss
 from llm_maker.pack import packer
 from llm_maker.recipe import DataConfig, PackConfig, SourceConfig
-from llm_maker.tokenizer import EOS, Tokenizer
+from llm_maker.tokenizer.tokenizer import EOS, Tokenizer
 
 
 def split_texts(data_dir, split):
@@ -150,9 +151,10 @@ def test_unigram_loss_is_add_one_smoothed_cross_entropy(tmp_path, pack_dir):
 
 
 def test_a_document_mentioning_eos_gets_exactly_one_eos(tmp_path, tokenizer_dir):
-    from llm_maker.pack import load_split, pack_tokens
+    from llm_maker.pack.packer import pack_tokens
+    from llm_maker.pack.shards import load_split
     from llm_maker.recipe import PackConfig
-    from llm_maker.tokenizer import Tokenizer
+    from llm_maker.tokenizer.tokenizer import Tokenizer
 
     data = tmp_path / "data"
     data.mkdir()

@@ -16,10 +16,13 @@ import pytest
 
 from llm_maker.artifacts import read_manifest, sha256_file
 from llm_maker.errors import DataError
-from llm_maker.pack import ShardedTokens, load_split, pack_tokens, packer
+from llm_maker.pack import packer
+from llm_maker.pack.packer import pack_tokens
+from llm_maker.pack.shards import load_split
+from llm_maker.pack.shards import ShardedTokens
 from llm_maker.pack.shards import LENGTH_EDGES, length_histogram
 from llm_maker.recipe import PackConfig
-from llm_maker.tokenizer import Tokenizer
+from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
 
 SHARD = 5000  # tokens: the ~150K-token test corpus becomes ~30 shards

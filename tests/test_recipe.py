@@ -1,4 +1,6 @@
 """The recipe is validated in full before any compute, with errors naming the key and the file."""
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -6,7 +8,11 @@ import yaml
 
 from llm_maker.cli import main
 from llm_maker.errors import RecipeError
-from llm_maker.recipe import load_recipe
+from llm_maker.model.llama import LlamaConfig
+from llm_maker.recipe import (ModelConfigSpec, Recipe, TemplateName, TrainConfig, load_recipe, parse_override,
+                              recipe_from_dict, resolve_paths, validate_recipe)
+from llm_maker.sft.templates import TEMPLATE_SPECS
+from llm_maker.typed_yaml import parse_dataclass
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +80,85 @@ def test_cli_bad_recipe_exits_nonzero_and_writes_nothing(tmp_path, capsys, monke
 
 
 def test_cli_override(tmp_path):
-    from llm_maker.recipe import parse_override
-
     p = write(tmp_path, {})
     key, value = parse_override("train.max_steps=7")
     assert load_recipe(p, overrides={key: value}).train.max_steps == 7
+
+
+# --------------------------------------------------------------------------------------
+# Closed choices, model dims from LlamaConfig, the seed rule, the named steps
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data,message", [
+    ({"tokenizer": {"type": "wordpiece"}}, "`tokenizer.type` must be bpe or pretrained, got 'wordpiece'"),
+    ({"pack": {"dtype": "int8"}}, "`pack.dtype` must be one of auto, uint16, uint32, got 'int8'"),
+    ({"train": {"precision": "fp8"}}, "`train.precision` must be one of auto, bf16, fp16, fp32, got 'fp8'"),
+    ({"sft": {"template": "llama3"}}, "`sft.template` must be chatml or parchment, got 'llama3'"),
+    ({"data": {"sources": [{"type": "csv"}]}},
+     r"`data.sources\[0\].type` must be one of builtin, text, jsonl, parquet, fineweb-edu, got 'csv'"),
+])
+def test_a_closed_choice_names_key_file_and_allowed_values(tmp_path, data, message):
+    p = write(tmp_path, data)
+    with pytest.raises(RecipeError, match=rf"^{p}: {message}$"):
+        load_recipe(p)
+
+
+def test_fp16_is_a_valid_precision(tmp_path):
+    assert load_recipe(write(tmp_path, {"train": {"precision": "fp16"}})).train.precision == "fp16"
+
+
+def test_template_choice_matches_the_templates():
+    assert typing.get_args(TemplateName) == tuple(TEMPLATE_SPECS)
+
+
+def test_model_keys_are_llama_config_fields():
+    dims = [f.name for f in dataclasses.fields(LlamaConfig)]
+    assert [f.name for f in dataclasses.fields(ModelConfigSpec)] == ["preset", *dims, "init_from"]
+    assert all(f.default is None for f in dataclasses.fields(ModelConfigSpec) if f.name in dims)
+
+
+def test_init_from_needs_no_preset_and_refuses_dims(tmp_path):
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "config.json").write_text("{}")
+    r = load_recipe(write(tmp_path, {"model": {"preset": None, "init_from": "start"}}))
+    assert r.model.init_from == str(tmp_path / "start") and r.model.preset is None
+    with pytest.raises(RecipeError, match=r"`model.d_model` cannot be set with model.init_from"):
+        load_recipe(write(tmp_path, {"model": {"preset": None, "init_from": "start", "d_model": 64}}))
+    with pytest.raises(RecipeError, match=r"`model.n_layers` is required when no preset gives it"):
+        load_recipe(write(tmp_path, {"model": {"preset": None}}))
+
+
+def test_the_top_level_seed_seeds_every_stage_unless_it_sets_its_own(tmp_path):
+    r = load_recipe(write(tmp_path, {"seed": 7}))
+    assert (r.seed, r.train.seed, r.sft.train.seed) == (7, 7, 7)
+    r = load_recipe(write(tmp_path, {"seed": 7, "train": {"seed": 3}}))
+    assert (r.seed, r.train.seed, r.sft.train.seed) == (7, 3, 7)
+    demo = load_recipe(ROOT / "configs" / "demo.yaml")  # the demo's seeds are the old defaults
+    assert (demo.seed, demo.train.seed, demo.sft.train.seed) == (1337, 1337, 1337)
+
+
+def test_fingerprint_fields_leave_out_bookkeeping_only():
+    base = TrainConfig(seed=1).fingerprint_fields()
+    assert TrainConfig(seed=1, log_every=1, checkpoint_every=5, eval_every=3, progress=False,
+                       wandb_project="x").fingerprint_fields() == base
+    assert TrainConfig(seed=1, lr=1e-4).fingerprint_fields() != base
+    assert TrainConfig(seed=2).fingerprint_fields() != base
+    assert {"device", "precision", "compile", "distributed", "optimizer"} <= set(base)
+
+
+def test_paths_are_resolved_in_their_own_step(tmp_path):
+    r = recipe_from_dict({"data": {"sources": [{"type": "text", "path": "corpus.txt"}]}}, check_files=False)
+    assert Path(r.data.sources[0].path) == Path.cwd() / "corpus.txt"
+    raw = parse_dataclass(Recipe, {"tokenizer": {"type": "pretrained", "path": "tok.json"},
+                                   "sft": {"data": {"source": "hf:x/y", "mixture": [{"source": "a.jsonl"}]}}},
+                          "", "r.yaml")
+    resolve_paths(raw, tmp_path)
+    assert raw.tokenizer.path == str(tmp_path / "tok.json")
+    assert raw.sft.data.source == "hf:x/y" and raw.sft.data.mixture[0].source == str(tmp_path / "a.jsonl")
+    with pytest.raises(RecipeError, match=r"r.yaml: `tokenizer.path` does not exist: .*tok.json"):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_source_file_is_not_a_yaml_key(tmp_path):
+    with pytest.raises(RecipeError, match="unknown key `source_file`"):
+        load_recipe(write(tmp_path, {"source_file": "x.yaml"}))

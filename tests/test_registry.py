@@ -18,11 +18,12 @@ from llm_maker.artifacts import write_manifest
 from llm_maker.errors import LLMMakerError
 from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaConfig, count_parameters
-from llm_maker.registry import scan_runs, write_card, write_registry
+from llm_maker.registry.registry import scan_runs, write_card, write_registry
 from llm_maker.registry.registry import GENERATED_MARK, run_status, scan_run
-from llm_maker.registry.trackers import open_trackers, scalars
+from llm_maker.train.trackers import open_trackers, scalars
 from llm_maker.recipe import TrainConfig
-from llm_maker.train.trainer import METRICS_FIELDS, MetricsLog, evaluate_token_accuracy
+from llm_maker.train.evaluation import token_accuracy
+from llm_maker.train.trainer import METRICS_FIELDS, MetricsLog
 from test_generate import successor_model
 
 DIMS = LlamaConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seq_len=64).to_dict()
@@ -236,18 +237,10 @@ def test_switching_on_a_missing_tracker_is_a_recipe_error(tmp_path):
         recipe_from_dict({"train": {"wandb": True}}, recipe_file="r.yaml", base=tmp_path)
 
 
-class ValBatches:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def val_batches(self):
-        return iter(self.batches)
-
-
 def test_token_accuracy_counts_supervised_targets_only():
     model = successor_model(20, {3: 4, 4: 5}, default=9)  # greedy: 3 -> 4, 4 -> 5, else 9
     x = torch.tensor([[3, 4, 7, 1]])
     y = torch.tensor([[4, 6, 9, -100]])  # right, wrong, right, ignored
-    acc = evaluate_token_accuracy(model, ValBatches([(x, y)]), 4, torch.device("cpu"), None)
+    acc = token_accuracy(model, [(x, y)], torch.device("cpu"))
     assert acc == pytest.approx(2 / 3)
-    assert evaluate_token_accuracy(model, ValBatches([]), 4, torch.device("cpu"), None) is None
+    assert token_accuracy(model, [], torch.device("cpu")) is None

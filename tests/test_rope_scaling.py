@@ -43,7 +43,7 @@ def test_a_full_forward_matches_transformers_dynamic_rope(length):
     model = random_model(300, seed=1, seq_len=TRAINED, d_model=64, n_heads=4, n_kv_heads=2)
     hf = hf_twin(model, 2.0)
     rope = DynamicRope(model, 2.0)
-    assert model.config.seq_len == 64 and rope.trained_len == TRAINED
+    assert model.context_len == 64 and model.config.seq_len == rope.trained_len == TRAINED  # config: as trained
     ids = torch.randint(4, 300, (1, length), generator=torch.Generator().manual_seed(length))
     theta = rope.prepare(length)
     assert (theta == 10000.0) == (length <= TRAINED)

@@ -368,7 +368,7 @@ def test_eight_concurrent_streaming_clients_get_their_own_answers(tok, tmp_path)
     expected = []
     for p in prompts:  # the same engine, called directly: what each client must receive
         ids = prompt_ids(tok, user(p), "chatml")
-        expected.append(tok.decode([t for t in generate(engine.model, ids, 16) if t not in engine.hidden_ids]))
+        expected.append(tok.decode([t for t in generate(engine.model, ids, 16) if t not in engine.special_ids]))
     assert len(set(expected)) == N_CLIENTS  # distinct answers: a crossed stream would show
     app = create_app(engine, ServeSettings(max_batch=N_CLIENTS))
     worker = app.state.worker

@@ -1,7 +1,5 @@
 """SFT: chat templates and their labels, the built-in set, held-out split, batches, the stage."""
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from llm_maker.sft.stage import run_sft
 from llm_maker.sft.templates import (IGNORE_INDEX, encode_chat, jinja_chat_template, prompt_ids,
                                      stop_token_ids)
 from llm_maker.tokenizer.tokenizer import train_bpe
+from llm_maker.train import trainer
 from llm_maker.train.checkpoint import save_model_dir
 
 TEXT = ("system user assistant You are a helpful assistant. What does `json.dumps` do? Serialize obj "
@@ -289,8 +288,8 @@ class FakeTrainer:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, model, batches, tc, out_dir, tokenizer, meta, resume=False):
-        self.calls.append(dict(batches=batches, meta=meta, resume=resume))
+    def __call__(self, model, batches, tc, out_dir, tokenizer, meta, resume=False, evaluations=()):
+        self.calls.append(dict(batches=batches, meta=meta, resume=resume, evaluations=evaluations))
         final = save_model_dir(out_dir / "final", model, tokenizer, meta)
         return {"final_loss": 1.0, "val_loss": 1.5, "steps": tc.max_steps, "tokens_seen": 10,
                 "stopped": False, "final_dir": str(final)}
@@ -299,9 +298,7 @@ class FakeTrainer:
 @pytest.fixture
 def fake_trainer(monkeypatch):
     fake = FakeTrainer()
-    module = types.ModuleType("llm_maker.train.trainer")
-    module.run_training = fake
-    monkeypatch.setitem(sys.modules, "llm_maker.train.trainer", module)
+    monkeypatch.setattr(trainer, "run_training", fake)
     return fake
 
 

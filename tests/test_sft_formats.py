@@ -3,8 +3,6 @@ parquet files (and a `datasets` folder), weighted mixtures, system stripping, de
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,10 +14,12 @@ from llm_maker.errors import CheckpointError, DataError, RecipeError
 from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.recipe import SFTDataConfig, SFTSourceConfig, recipe_from_dict
+from llm_maker.sft.builtin import builtin_conversations
 from llm_maker.sft.dataset import split_heldout
-from llm_maker.sft.formats import copies, detect_format, load_sft_data, load_source
+from llm_maker.sft.formats import CONVERTERS, FORMATS, copies, detect_format, load_sft_data, load_source
 from llm_maker.sft.stage import run_sft
 from llm_maker.tokenizer.tokenizer import train_bpe
+from llm_maker.train import trainer
 from llm_maker.train.checkpoint import save_model_dir
 
 
@@ -158,8 +158,6 @@ def test_mixture_strips_system_messages_then_dedups_across_sources(tmp_path):
 
 
 def test_builtin_source_is_unchanged_by_the_loader():
-    from llm_maker.sft.builtin import builtin_conversations
-
     convs, stats = load_sft_data(SFTDataConfig(), seed=5, selection_key="k")
     assert [c["messages"] for c in convs] == [c["messages"] for c in builtin_conversations(seed=5)]
     assert stats["sources"][0]["duplicates"] == 0
@@ -192,14 +190,12 @@ def test_the_sft_stage_trains_on_a_mixture_and_records_it(tmp_path, monkeypatch)
     write_manifest(paths.pretrain, "pretrain", "prefp")
     calls = []
 
-    def fake_training(model, batches, tc, out_dir, tokenizer, meta, resume=False):
+    def fake_training(model, batches, tc, out_dir, tokenizer, meta, resume=False, evaluations=()):
         calls.append(batches)
         final = save_model_dir(out_dir / "final", model, tokenizer, meta)
         return {"final_loss": 1.0, "stopped": False, "final_dir": str(final)}
 
-    module = types.ModuleType("llm_maker.train.trainer")
-    module.run_training = fake_training
-    monkeypatch.setitem(sys.modules, "llm_maker.train.trainer", module)
+    monkeypatch.setattr(trainer, "run_training", fake_training)
     a = jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(30)])
     d = jsonl(tmp_path / "dolly.jsonl", [{"instruction": f"W{i}", "context": "", "response": f"R{i}"} for i in range(20)])
     recipe = recipe_from_dict({"run_dir": str(paths.root), "sft": {"data": {
@@ -218,3 +214,7 @@ def test_the_sft_stage_trains_on_a_mixture_and_records_it(tmp_path, monkeypatch)
         run_sft(recipe, paths)
     run_sft(recipe, paths, force=True)
     assert len(calls) == 2
+
+
+def test_the_recipe_format_choice_is_auto_and_one_per_converter():
+    assert FORMATS == ("auto", *CONVERTERS)

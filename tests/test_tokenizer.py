@@ -10,7 +10,8 @@ from tokenizers import models, pre_tokenizers, trainers
 from llm_maker.artifacts import read_manifest
 from llm_maker.errors import LLMMakerError, RecipeError
 from llm_maker.recipe import TokenizerConfig
-from llm_maker.tokenizer import SPECIAL_TOKENS, Tokenizer, build_tokenizer, bytes_per_token, train_bpe
+from llm_maker.tokenizer.stage import build_tokenizer, bytes_per_token
+from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
 from llm_maker.tokenizer.stage import capped_training_texts
 
 UNICODE_SAMPLES = [
@@ -152,7 +153,7 @@ def test_tokenizer_trains_on_the_train_split_only(data_dir):
 
 
 def test_plain_text_copy_never_turns_text_into_special_tokens():
-    from llm_maker.tokenizer import train_bpe
+    from llm_maker.tokenizer.tokenizer import train_bpe
 
     tok = train_bpe(iter(["see the <|endoftext|> marker and <|im_end|> too"] * 20), vocab_size=300, min_frequency=1)
     text = "a doc that mentions <|endoftext|> and <|im_end|>"

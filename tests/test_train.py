@@ -15,7 +15,8 @@ from llm_maker.tokenizer.tokenizer import train_bpe
 from llm_maker.train.batches import PretrainBatches
 from llm_maker.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_dir
 from llm_maker.train.schedule import cosine_lr
-from llm_maker.train.trainer import run_training
+from llm_maker.train.loss import CausalLMLoss
+from llm_maker.train.trainer import apply_activation_checkpointing, run_training
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
         "Practice makes perfect, and patience is a virtue. ") * 40
@@ -153,3 +154,21 @@ def test_fresh_run_over_existing_checkpoints_is_refused(tmp_path, tokenizer, tok
         run_training(small_model(tokenizer), PretrainBatches(train, 32, 4, 0, val), config(max_steps=10),
                      tmp_path, tokenizer, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                                   seq_len=16)).train()
+    x = torch.randint(0, 97, (2, 16))
+    loss = CausalLMLoss(model)(x[:, :-1], x[:, 1:])
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    model.zero_grad()
+    apply_activation_checkpointing(model)
+    loss2 = CausalLMLoss(model)(x[:, :-1], x[:, 1:])
+    loss2.backward()
+    assert torch.allclose(loss, loss2)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+    assert [n for n, _ in model.named_parameters()] == names  # applied in place: checkpoints load as before

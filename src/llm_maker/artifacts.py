@@ -7,6 +7,8 @@ pipeline whether the stage can be skipped.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,10 +17,15 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from llm_maker import __version__
+from llm_maker.errors import DataError, LLMMakerError
+
 MANIFEST = "manifest.json"
+METRICS = "metrics.csv"  # a training stage's log: one row per logged step (train/trainer.py writes it)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -101,11 +108,7 @@ def fingerprint(*parts: Any) -> str:
 
 def versions() -> dict[str, str]:
     """Installed versions, read from package metadata (importing torch just for this costs ~2 s)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import llm_maker
-
-    found = {"llm_maker": llm_maker.__version__, "python": platform.python_version()}
+    found = {"llm_maker": __version__, "python": platform.python_version()}
     for name in ("torch", "numpy", "tokenizers"):
         try:
             found[name] = version(name)
@@ -127,17 +130,18 @@ def write_manifest(stage_dir: str | Path, stage: str, fingerprint_: str, **field
     return manifest
 
 
+def read_json(path: str | Path) -> Optional[Any]:
+    """The parsed JSON file, or None if there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def read_manifest(stage_dir: str | Path) -> Optional[dict[str, Any]]:
-    p = Path(stage_dir) / MANIFEST
-    if not p.is_file():
-        return None
-    return json.loads(p.read_text(encoding="utf-8"))
+    return read_json(Path(stage_dir) / MANIFEST)
 
 
 def require_manifest(stage_dir: str | Path, stage: str) -> dict[str, Any]:
     """Read an upstream stage's manifest, or fail naming the missing stage."""
-    from llm_maker.errors import LLMMakerError
-
     m = read_manifest(stage_dir)
     if m is None:
         raise LLMMakerError(f"{stage_dir}: no {MANIFEST}; run the `{stage}` stage first")
@@ -149,8 +153,6 @@ def stage_fingerprint(config: Any, *upstream_dirs: str | Path, extra: Any = None
     upstream stages it reads, and any extra inputs (e.g. source file signatures).
 
     The pipeline skips a stage whose manifest already carries this fingerprint."""
-    import dataclasses
-
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     upstream = []
     for d in upstream_dirs:
@@ -164,19 +166,42 @@ def is_up_to_date(stage_dir: str | Path, fingerprint_: str) -> bool:
     return m is not None and m.get("fingerprint") == fingerprint_
 
 
-def iter_jsonl_rows(path: str | Path, what: str = "file") -> Iterator[tuple[str, Any]]:
-    """(`path:line`, parsed row) for each non-blank line of a .jsonl file; a missing file or a
-    malformed line is a DataError naming the file and line."""
-    from llm_maker.errors import DataError
-
+def iter_jsonl_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for each non-blank line of a .jsonl file; a missing file is a
+    DataError. Callers that check records their own way parse the bytes; `iter_jsonl_rows` parses JSON."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None
+            if line.strip():
+                yield lineno, line
+
+
+def iter_jsonl_rows(path: str | Path, what: str = "file") -> Iterator[tuple[str, Any]]:
+    """(`path:line`, parsed row) for each non-blank line of a .jsonl file; a missing file or a
+    malformed line is a DataError naming the file and line."""
+    for lineno, line in iter_jsonl_lines(path, what):
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of stage_dir/metrics.csv as strings (empty if there is none)."""
+    path = Path(stage_dir) / METRICS
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def as_float(value: Any) -> Optional[float]:
+    """A metrics cell as a float; None for an empty or non-numeric cell."""
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

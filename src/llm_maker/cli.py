@@ -4,8 +4,8 @@
     llm-maker data|tokenizer|pack RECIPE
     llm-maker pretrain|sft RECIPE [--resume] [--force]
     torchrun --nproc_per_node=N -m llm_maker pretrain RECIPE   N processes: DDP, or FSDP2 (train.distributed)
-    llm-maker eval RECIPE
-    llm-maker eval RUN_DIR --suite TASKS [--baseline DIR]   lm-evaluation-harness (+ baselines)
+    llm-maker eval RECIPE                                the recipe's eval stage (eval/report.md)
+    llm-maker lm-eval RUN_DIR --suite TASKS [--baseline [NAME=]DIR]   lm-evaluation-harness (+ baselines)
     llm-maker export RUN_DIR --format hf|gguf --out PATH
     llm-maker import-hf HF_DIR --out RUN_DIR
     llm-maker generate RUN_DIR --prompt TEXT
@@ -16,6 +16,9 @@
     llm-maker card RUN_DIR                               one run's card.md and training curves
     llm-maker data-report RUN_DIR                        counts, drops and why, bytes/token, length histogram
     llm-maker audit RUN_DIR --eval-sets FILE ...         n-gram contamination of evaluation sets
+
+The stage verbs, their help and `pipeline --only` come from layout.STAGES. Each verb imports what
+it runs inside its function, so `llm-maker --help` does not import torch.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from llm_maker.artifacts import require_manifest
 from llm_maker.errors import LLMMakerError
+from llm_maker.layout import STAGE_NAMES, STAGES, RunPaths
+from llm_maker.summary import print_summary
 
 
 def _recipe(args):
@@ -43,9 +49,7 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pipeline(args) -> int:
-    from llm_maker.layout import RunPaths
     from llm_maker.pipeline import run_pipeline
-    from llm_maker.summary import print_summary
 
     recipe = _recipe(args)
     results = run_pipeline(recipe, force=args.force, only=args.only)
@@ -55,33 +59,9 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from llm_maker.layout import RunPaths
+    from llm_maker.pipeline import run_stage
 
-    if args.command == "eval" and args.suite:  # RUN_DIR --suite: lm-eval, not the recipe's eval stage
-        return cmd_eval_suite(args)
-    recipe = _recipe(args)
-    paths = RunPaths.of(recipe.run_dir)
-    if args.command == "data":
-        from llm_maker.data import prepare_data
-        out = prepare_data(recipe.data, paths.data, force=args.force)
-    elif args.command == "tokenizer":
-        from llm_maker.tokenizer import build_tokenizer
-        out = build_tokenizer(recipe.tokenizer, paths.data, paths.tokenizer, force=args.force)
-    elif args.command == "pack":
-        from llm_maker.pack import pack_tokens
-        out = pack_tokens(recipe.pack, paths.data, paths.tokenizer, paths.pack, force=args.force)
-    elif args.command == "pretrain":
-        from llm_maker.train.stage import run_pretrain
-        out = run_pretrain(recipe, paths, resume=args.resume, force=args.force)
-    elif args.command == "sft":
-        from llm_maker.sft import run_sft
-        out = run_sft(recipe, paths, resume=args.resume, force=args.force)
-    elif args.command == "eval":
-        from llm_maker.eval import run_eval
-        out = run_eval(recipe, paths, force=args.force)
-    else:  # pragma: no cover - argparse guards the choices
-        raise LLMMakerError(f"unknown command {args.command}")
-    print(out)
+    print(run_stage(args.command, _recipe(args), resume=getattr(args, "resume", False), force=args.force))
     return 0
 
 
@@ -112,10 +92,10 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def cmd_eval_suite(args) -> int:
+def cmd_lm_eval(args) -> int:
     from llm_maker.eval.lm_eval_suite import model_label, run_suite, suite_out_dir
 
-    ours = _model_dir(args.recipe, args.model)
+    ours = _model_dir(args.run_dir, args.model)
     models = {model_label(ours): ours}
     for b in args.baseline or []:
         name, _, path = b.rpartition("=")
@@ -148,17 +128,12 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from llm_maker.layout import RunPaths
-    from llm_maker.summary import print_summary
-
     print_summary(RunPaths.of(args.run_dir), None)
     return 0
 
 
 def cmd_data_report(args) -> int:
-    from llm_maker.artifacts import require_manifest
     from llm_maker.data.report import write_data_report
-    from llm_maker.layout import RunPaths
 
     paths = RunPaths.of(args.run_dir)
     out = Path(args.out) if args.out else paths.pack
@@ -169,7 +144,7 @@ def cmd_data_report(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from llm_maker.audit import audit_markdown, audit_run, write_audit
+    from llm_maker.audit.contamination import audit_markdown, audit_run, write_audit
 
     report = audit_run(args.run_dir, args.eval_sets or [], n=args.ngram, sft_heldout=not args.no_sft_heldout,
                        include_sft_train=not args.no_sft_train, max_examples=args.examples)
@@ -191,27 +166,26 @@ def cmd_serve(args) -> int:
 
 
 def cmd_registry(args) -> int:
-    from llm_maker.registry import write_registry
+    from llm_maker.registry.registry import write_registry
 
     print(write_registry(args.runs_dir, out=args.out, cards=not args.no_cards, force=args.force))
     return 0
 
 
 def cmd_card(args) -> int:
-    from llm_maker.registry import write_card
+    from llm_maker.registry.registry import write_card
 
     print(write_card(args.run_dir, force=args.force))
     return 0
 
 
 def _model_dir(run_dir: str, which: Optional[str]) -> Path:
-    from llm_maker.layout import RunPaths
-
+    """The model `--model` names: base, sft, a model directory, or (None) the run's newest model."""
     paths = RunPaths.of(run_dir)
     if which == "base":
-        return paths.pretrain / "final"
+        return paths.final("pretrain")
     if which == "sft":
-        return paths.sft / "final"
+        return paths.final("sft")
     if which:
         return Path(which)
     if (Path(run_dir) / "config.json").is_file():  # a model directory itself
@@ -219,9 +193,14 @@ def _model_dir(run_dir: str, which: Optional[str]) -> Path:
     return paths.final_model()
 
 
-def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
+    """RUN_DIR and --model, read by `_model_dir`."""
     p.add_argument("run_dir", help="a run directory (or a model directory)")
     p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    _add_model(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--top-k", type=int, default=40)
@@ -230,43 +209,39 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _add_suite(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("lm-evaluation-harness (the positional argument is then a RUN_DIR or model directory)")
-    g.add_argument("--suite", help="comma-separated: seeds, lm-eval task names, local .jsonl files, task YAML dirs")
-    g.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
-    g.add_argument("--baseline", action="append", metavar="[NAME=]DIR",
-                   help="a local model (Hugging Face or llm-maker directory) to compare against (repeatable)")
-    g.add_argument("--out", help="where results.json and table.md go (default: RUN_DIR/eval/lm_eval)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-    g.add_argument("--batch-size", help="auto or a number (default: auto on GPU, 8 on CPU)")
-    g.add_argument("--limit", type=float, help="at most this many items per task (or a fraction < 1)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-maker", description="Build small language models from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="run every stage of a recipe (skips up-to-date stages, resumes)")
     _add_recipe(p)
-    p.add_argument("--only", nargs="+", choices=["data", "tokenizer", "pack", "pretrain", "sft", "eval"])
+    p.add_argument("--only", nargs="+", choices=STAGE_NAMES)
     p.set_defaults(func=cmd_pipeline)
 
-    for name, help_ in (("data", "select and split the corpus"), ("tokenizer", "train or load the tokenizer"),
-                        ("pack", "tokenize into memory-mapped token files"), ("pretrain", "pretrain the model"),
-                        ("sft", "instruction-tune the pretrained model"), ("eval", "evaluate and write the report")):
-        p = sub.add_parser(name, help=help_)
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help)
         _add_recipe(p)
-        if name in ("pretrain", "sft"):
+        if stage.trains:
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-        if name == "eval":
-            _add_suite(p)
         p.set_defaults(func=cmd_stage)
 
+    p = sub.add_parser("lm-eval", help="benchmark a model with lm-evaluation-harness (named tasks, local .jsonl files), against baselines")
+    _add_model(p)
+    p.add_argument("--suite", required=True,
+                   help="comma-separated: seeds, lm-eval task names, local .jsonl files, task YAML dirs")
+    p.add_argument("--baseline", action="append", metavar="[NAME=]DIR",
+                   help="a local model (Hugging Face or llm-maker directory) to compare against (repeatable)")
+    p.add_argument("--out", help="where results.json and table.md go (default: RUN_DIR/eval/lm_eval)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", help="auto or a number (default: auto on GPU, 8 on CPU)")
+    p.add_argument("--limit", type=float, help="at most this many items per task (or a fraction < 1)")
+    p.add_argument("--force", action="store_true", help="replace existing results")
+    p.set_defaults(func=cmd_lm_eval)
+
     p = sub.add_parser("export", help="export a model for transformers (hf) or llama.cpp (gguf)")
-    p.add_argument("run_dir", help="a run directory (or a model directory)")
+    _add_model(p)
     p.add_argument("--format", choices=["hf", "gguf"], required=True)
     p.add_argument("--out", required=True, help="hf: a directory; gguf: a .gguf file")
-    p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
     p.add_argument("--dtype", help="hf: float32 (default) | bfloat16 | float16; gguf: f16 (default) | f32")
     p.add_argument("--gguf-pre", help="llama.cpp pre-tokenizer name, for tokenizers other than llm-maker's BPE")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -292,13 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("serve", help="serve a model: web chat and an OpenAI-compatible API (FastAPI + uvicorn)")
-    p.add_argument("run_dir", help="a run directory (or a model directory)")
-    p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
+    _add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: there is no authentication)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the model id clients send (default: <recipe>-<stage>)")
     p.add_argument("--rope-scaling", type=float, metavar="FACTOR",
-                   help="dynamic NTK RoPE scaling: serve FACTOR times the trained context (seed 003: 2)")
+                   help="dynamic NTK RoPE scaling: serve FACTOR times the trained context (e.g. 2)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests generating together (continuous batching); 1 runs them one by one")
     p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind the running ones; more get 503")

@@ -1,18 +1,57 @@
-"""Where each stage's artifacts live inside a run directory.
+"""The stages, in order, and where each one's artifacts live inside a run directory.
 
-    RUN_DIR/
-      recipe.yaml          the resolved recipe of the last pipeline run
-      data/                train.jsonl, val.jsonl, manifest.json
-      tokenizer/           tokenizer.json, manifest.json
-      pack/                train.bin, val.bin, manifest.json
-      pretrain/            checkpoints/step_XXXXXXXX/, final/, metrics.csv, manifest.json
-      sft/                 data/, checkpoints/, final/, metrics.csv, manifest.json
-      eval/                report.json, report.md, manifest.json
+    RUNS_DIR/
+      REGISTRY.md            `llm-maker registry RUNS_DIR`: one row per model of every run below
+      RUN_DIR/
+        recipe.yaml          the resolved recipe of the last pipeline run
+        data/                train.jsonl, val.jsonl, manifest.json
+        tokenizer/           tokenizer.json, manifest.json
+        pack/                train.bin, val.bin (a split larger than pack.shard_tokens: shards
+                             train-00000.bin, train-00001.bin, ...), manifest.json;
+                             data_report.{json,md}, doc_lengths.png (`llm-maker data-report`)
+        pretrain/            checkpoints/step_XXXXXXXX/, final/, metrics.csv, manifest.json
+        sft/                 data/, checkpoints/, final/, metrics.csv, manifest.json
+        eval/                report.json, report.md, manifest.json;
+                             lm_eval/{results.json,table.md,tasks/} (`llm-maker lm-eval`)
+        audit/               contamination.{json,md} (`llm-maker audit`)
+        card.md, plots/      the model card and its training curves (`llm-maker card` / `registry`)
+
+A model directory (`final/`, or the model inside a checkpoint) holds WEIGHTS, config.json and
+tokenizer.json (train/checkpoint.py). Each stage writes the directory named after it; STAGES is
+the one list of them, read by the pipeline (which adds how to run each), the CLI, the summary
+and the registry.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from llm_maker.errors import LLMMakerError
+
+WEIGHTS = "model.safetensors"  # a model directory's weights
+FINAL = "final"  # a training stage's finished model directory
+SPLITS = ("train", "val")  # the data and pack stages' splits
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the CLI verb and the directory under RUN_DIR
+    help: str  # one line for `llm-maker --help`
+    trains: bool = False  # writes checkpoints/ and final/; its verb takes --resume
+    optional: bool = False  # the recipe can switch it off (`<name>.enabled: false`)
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("data", "select and split the corpus"),
+    StageSpec("tokenizer", "train or load the tokenizer"),
+    StageSpec("pack", "tokenize into memory-mapped token files"),
+    StageSpec("pretrain", "pretrain the model", trains=True),
+    StageSpec("sft", "instruction-tune the pretrained model", trains=True, optional=True),
+    StageSpec("eval", "evaluate and write the report", optional=True),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+TRAIN_STAGES = tuple(s.name for s in STAGES if s.trains)
 
 
 @dataclass(frozen=True)
@@ -23,39 +62,56 @@ class RunPaths:
     def of(cls, run_dir: str | Path) -> "RunPaths":
         return cls(Path(run_dir))
 
+    def stage_dir(self, name: str) -> Path:
+        if name not in STAGE_NAMES:
+            raise LLMMakerError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
+        return self.root / name
+
+    def final(self, name: str) -> Path:
+        """The finished model directory of a training stage (`pretrain` or `sft`)."""
+        if name not in TRAIN_STAGES:
+            raise LLMMakerError(f"stage {name!r} trains no model; the training stages are {', '.join(TRAIN_STAGES)}")
+        return self.stage_dir(name) / FINAL
+
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.stage_dir("data")
 
     @property
     def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
+        return self.stage_dir("tokenizer")
 
     @property
     def pack(self) -> Path:
-        return self.root / "pack"
+        return self.stage_dir("pack")
 
     @property
     def pretrain(self) -> Path:
-        return self.root / "pretrain"
+        return self.stage_dir("pretrain")
 
     @property
     def sft(self) -> Path:
-        return self.root / "sft"
+        return self.stage_dir("sft")
 
     @property
     def eval(self) -> Path:
-        return self.root / "eval"
+        return self.stage_dir("eval")
 
     def final_model(self) -> Path:
         """The newest finished model: SFT's if it exists, else pretraining's."""
-        for stage in (self.sft, self.pretrain):
-            if (stage / "final" / "model.safetensors").is_file():
-                return stage / "final"
-        from llm_maker.errors import LLMMakerError
-
+        for stage in ("sft", "pretrain"):
+            if (self.final(stage) / WEIGHTS).is_file():
+                return self.final(stage)
         raise LLMMakerError(f"{self.root}: no finished model (pretrain/final or sft/final); run the pipeline first")
+
+
+def run_dir_of(model_dir: Path) -> Optional[Path]:
+    """RUN_DIR for RUN_DIR/{pretrain,sft}/final (or a checkpoint under them), else None."""
+    for parent in [model_dir, *model_dir.parents][:4]:
+        if parent.name in TRAIN_STAGES:
+            return parent.parent
+    return None

@@ -1,42 +1,141 @@
 """The YAML recipe: one file drives a run, validated in full before any compute.
 
-A recipe is a tree of typed dataclasses. `load_recipe(path)` reads the YAML, rejects unknown
-keys and wrong types with an error naming the key and the file, resolves relative paths
-against the recipe's folder, fills the model shape from a named preset, and checks that the
-shapes are possible (`d_model % n_heads == 0`, ...) and that the input files exist.
+A recipe is a tree of typed dataclasses; each config class owns its rules (a `validate` method).
+`load_recipe(path)` runs four named steps:
+
+  parse_dataclass   YAML -> dataclasses: unknown keys, wrong types, a value outside a closed
+                    choice (`Literal[...]`) are errors naming the key and the file
+  resolve_paths     relative paths against the recipe's folder (run_dir: the working directory)
+  resolve_seeds     the top-level `seed` for every stage that sets none of its own
+  validate_recipe   possible shapes (`d_model % n_heads == 0`, ...), ranges, inputs that exist
+
+This module imports nothing from the stages (data/, sft/, ...): they import it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.util
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from llm_maker.errors import RecipeError
-from llm_maker.typed_yaml import parse_dataclass
+from llm_maker.model.llama import LlamaConfig
+from llm_maker.model.presets import MODEL_DIMS, PRESETS, resolve_model_config
+from llm_maker.typed_yaml import NOT_YAML, parse_dataclass
+
+DEFAULT_SEED = 1337
+
+# Closed choices: the YAML parser refuses any other value, naming the key, the file and these.
+SourceType = Literal["builtin", "text", "jsonl", "parquet", "fineweb-edu"]
+TokenizerType = Literal["bpe", "pretrained"]
+PackDtype = Literal["auto", "uint16", "uint32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 where supported
+Distributed = Literal["ddp", "fsdp2"]
+OptimizerName = Literal["adamw", "muon"]
+TemplateName = Literal["chatml", "parchment"]  # the keys of sft/templates.py's TEMPLATE_SPECS (a test checks)
+SFTFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "squad"]  # sft/formats.py's converters
+
+# FineWeb-Edu on the hub (data/fineweb.py reads it): its repos, and the names of its configs
+FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
+FINEWEB_EDU_SCORE_2_REPO = "HuggingFaceFW/fineweb-edu-score-2"  # also the rows with int_score 2
+FINEWEB_CONFIG_PATTERN = re.compile(r"sample-\d+BT|default|CC-MAIN-\d{4}-\d{2}")
+
+
+def _check(cond: bool, recipe_file: str, key: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(f"{recipe_file}: `{key}` {message}")
+
+
+def _exists(path: Optional[str], recipe_file: str, key: str, check_files: bool) -> None:
+    if check_files and path is not None:
+        _check(Path(path).exists(), recipe_file, key, f"does not exist: {path}")
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class FineWebFilters:
+    """Row filters on FineWeb-Edu's own quality columns (data/fineweb.py maps each to its column);
+    a row is kept when it passes every filter that is set."""
+
+    min_score: Optional[float] = None  # classifier score >= this, in [0, 5]
+    min_int_score: Optional[int] = None  # the score rounded, in [0, 5]
+    min_language_score: Optional[float] = None  # fastText English probability, in [0, 1]
+    min_token_count: Optional[int] = None  # GPT-2 tokens in the document
+    max_token_count: Optional[int] = None
+
+    def active(self) -> dict[str, Any]:
+        """The filters that are set, by field name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def validate(self, f: str, key: str) -> None:
+        for name, (lo, hi) in {"min_score": (0, 5), "min_int_score": (0, 5), "min_language_score": (0, 1)}.items():
+            value = getattr(self, name)
+            _check(value is None or lo <= value <= hi, f, f"{key}.{name}", f"must be in [{lo}, {hi}], got {value}")
+        for name in ("min_token_count", "max_token_count"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f, f"{key}.{name}", f"must be at least 1, got {value}")
+        lo, hi = self.min_token_count, self.max_token_count
+        _check(not (lo and hi and lo > hi), f, f"{key}.min_token_count", f"{lo} is above max_token_count {hi}")
 
 
 @dataclass
 class SourceConfig:
     """One input of the corpus. `type`: builtin | text | jsonl | parquet | fineweb-edu."""
 
-    type: str = "builtin"
+    type: SourceType = "builtin"
     path: Optional[str] = None  # file or folder (text/jsonl/parquet; fineweb-edu: a local folder, else download)
     text_field: str = "text"  # jsonl/parquet column holding the document
     max_documents: Optional[int] = None  # cap for this source (applied after reading, before selection)
     # fineweb-edu only (see data/fineweb.py): which shards to download, and row filters on its columns
-    repo_id: str = "HuggingFaceFW/fineweb-edu"
+    repo_id: str = FINEWEB_EDU_REPO
     config: str = "sample-10BT"  # sample-10BT | sample-100BT | sample-350BT | default | CC-MAIN-2024-10 ...
     revision: str = "main"
     cache_dir: Optional[str] = None  # download folder; default ~/.cache/llm-maker/hub
     max_files: Optional[int] = None  # download only the first N parquet shards of the config
-    min_score: Optional[float] = None
-    min_int_score: Optional[int] = None
-    min_language_score: Optional[float] = None
-    min_token_count: Optional[int] = None
-    max_token_count: Optional[int] = None
+    filters: Optional[FineWebFilters] = None
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        if self.type not in ("builtin", "fineweb-edu"):
+            _check(self.path is not None, f, f"{key}.path", f"is required for a {self.type} source")
+        _exists(self.path, f, f"{key}.path", check_files)
+        if self.max_documents is not None:
+            _check(self.max_documents > 0, f, f"{key}.max_documents", "must be positive")
+        if self.type == "fineweb-edu":
+            self._validate_fineweb(f, key)
+            return
+        defaults = SourceConfig()
+        for name in ("repo_id", "config", "revision", "cache_dir", "max_files", "filters"):
+            if getattr(self, name) != getattr(defaults, name):
+                if name == "filters" and self.filters.active():  # name the first filter set
+                    name = f"filters.{next(iter(self.filters.active()))}"
+                raise RecipeError(f"{f}: `{key}.{name}` applies only to fineweb-edu sources, not {self.type}")
+
+    def _validate_fineweb(self, f: str, key: str) -> None:
+        _check(FINEWEB_CONFIG_PATTERN.fullmatch(self.config) is not None, f, f"{key}.config",
+               f"must be sample-NBT (sample-10BT, sample-100BT, ...), default or a dump such as "
+               f"CC-MAIN-2024-10, got {self.config!r}")
+        _check("/" in self.repo_id, f, f"{key}.repo_id", f"must be owner/name, got {self.repo_id!r}")
+        _check(self.max_files is None or self.max_files >= 1, f, f"{key}.max_files",
+               f"must be at least 1, got {self.max_files}")
+        if self.filters is None:
+            return
+        self.filters.validate(f, f"{key}.filters")
+        # FineWeb-Edu itself holds only int_score >= 3 (score >= 2.5): a lower threshold would silently do nothing
+        flt = self.filters
+        for name, floor in (("min_int_score", 3), ("min_score", 2.5)):
+            value = getattr(flt, name)
+            _check(not (self.path is None and self.repo_id == FINEWEB_EDU_REPO and value is not None and value < floor),
+                   f, f"{key}.filters.{name}", f"is {value}, but {FINEWEB_EDU_REPO} holds only rows with "
+                   f"int_score >= 3; set repo_id: {FINEWEB_EDU_SCORE_2_REPO} for a threshold of 2")
 
 
 @dataclass
@@ -48,52 +147,114 @@ class DataConfig:
     val_fraction: float = 0.05
     min_chars: int = 1  # drop documents shorter than this (after stripping)
 
+    def validate(self, f: str, check_files: bool) -> None:
+        _check(len(self.sources) > 0, f, "data.sources", "must list at least one source")
+        for i, s in enumerate(self.sources):
+            s.validate(f, f"data.sources[{i}]", check_files)
+        _check(0.0 < self.fraction <= 1.0, f, "data.fraction", f"must be in (0, 1], got {self.fraction}")
+        _check(0.0 < self.val_fraction < 1.0, f, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.max_documents is None or self.max_documents > 1, f, "data.max_documents", "must be at least 2")
+
 
 @dataclass
 class TokenizerConfig:
     """`type: bpe` trains a byte-level BPE; `type: pretrained` loads `path`: a tokenizer.json, a
     folder holding one (or a Hugging Face tokenizer's other files), or a tiktoken `.tiktoken` file."""
 
-    type: str = "bpe"
+    type: TokenizerType = "bpe"
     vocab_size: int = 4096
     min_frequency: int = 2
     path: Optional[str] = None
     max_train_chars: Optional[int] = None  # cap on training text (hash-ordered sample)
     tiktoken_encoding: Optional[str] = None  # a .tiktoken file's encoding (cl100k_base...); None: its file name
 
+    def validate(self, f: str, check_files: bool) -> None:
+        if self.type == "bpe":
+            _check(300 <= self.vocab_size <= 1_000_000, f, "tokenizer.vocab_size",
+                   f"must be in [300, 1000000], got {self.vocab_size}")
+        else:
+            _check(self.path is not None, f, "tokenizer.path", "is required when tokenizer.type is pretrained")
+            _exists(self.path, f, "tokenizer.path", check_files)
+
 
 @dataclass
 class PackConfig:
-    dtype: str = "auto"  # auto | uint16 | uint32
+    dtype: PackDtype = "auto"
     workers: int = 2
     batch_documents: int = 256  # documents per encode_batch call
     shard_tokens: int = 100_000_000  # tokens per shard file at most (200 MB in uint16), written as it fills
 
+    def validate(self, f: str, tokenizer: TokenizerConfig) -> None:
+        _check(self.workers >= 1, f, "pack.workers", "must be at least 1")
+        _check(self.shard_tokens >= 1024, f, "pack.shard_tokens", f"must be at least 1024, got {self.shard_tokens}")
+        if self.dtype == "uint16" and tokenizer.type == "bpe":
+            _check(tokenizer.vocab_size <= 65535, f, "pack.dtype",
+                   f"is uint16 but tokenizer.vocab_size is {tokenizer.vocab_size} (> 65535); use uint32 or auto")
 
-@dataclass
-class ModelConfigSpec:
-    """Model shape in the recipe: a preset name and/or explicit dims (explicit wins)."""
 
-    preset: Optional[str] = "tiny"
-    n_layers: Optional[int] = None
-    d_model: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    d_mlp: Optional[int] = None
-    vocab_size: Optional[int] = None  # None: take it from the tokenizer
-    seq_len: Optional[int] = None
-    tie_embeddings: Optional[bool] = None
-    rope_theta: Optional[float] = None
-    norm_eps: Optional[float] = None
-    # Continued pretraining: start from this model directory (e.g. RUN/pretrain/final made by
-    # `llm-maker import-hf`); its config.json then gives the shape and the dims above must be unset.
-    init_from: Optional[str] = None
+# --------------------------------------------------------------------------------------
+# Model: LlamaConfig's fields, each optional, between a preset name and init_from
+# --------------------------------------------------------------------------------------
+
+def _given_dims(self: Any) -> dict[str, Any]:
+    """The model dims this recipe sets explicitly."""
+    return {n: getattr(self, n) for n in MODEL_DIMS if getattr(self, n) is not None}
+
+
+def _validate_model(self: Any, f: str, tokenizer: TokenizerConfig, check_files: bool) -> None:
+    if self.preset is not None:
+        _check(self.preset in PRESETS, f, "model.preset",
+               f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+    if self.init_from is not None:
+        if check_files:
+            _check((Path(self.init_from) / "config.json").is_file(), f, "model.init_from",
+                   f"is not a model directory (no config.json): {self.init_from}")
+        dims = list(self.given_dims())
+        _check(not dims, f, f"model.{dims[0] if dims else ''}",
+               "cannot be set with model.init_from (the initial model's config.json gives the shape)")
+        return
+    bpe_vocab = tokenizer.vocab_size if tokenizer.type == "bpe" else None  # a pretrained one's is known later
+    try:
+        resolve_model_config(self, vocab_size=self.vocab_size or bpe_vocab or 256)
+    except ValueError as e:  # the message is "field: why"
+        name, _, why = str(e).partition(": ")
+        raise RecipeError(f"{f}: `model.{name}` {why}") from None
+
+
+_LLAMA_TYPES = typing.get_type_hints(LlamaConfig)
+# The recipe's `model:` block. Its dims are made from LlamaConfig's fields, so the two cannot drift:
+#   preset: Optional[str] = "tiny"           a name in model/presets.py's PRESETS
+#   <every LlamaConfig field>: Optional[...] = None   None: the preset's value (vocab_size: the tokenizer's)
+#   init_from: Optional[str] = None          continued pretraining from this model directory (e.g.
+#                                            RUN/pretrain/final made by `llm-maker import-hf`): its
+#                                            config.json gives the shape, so no dim may be set beside it
+ModelConfigSpec = dataclasses.make_dataclass(
+    "ModelConfigSpec",
+    [("preset", Optional[str], field(default="tiny")),
+     *[(name, Optional[_LLAMA_TYPES[name]], field(default=None)) for name in MODEL_DIMS],
+     ("init_from", Optional[str], field(default=None))],
+    namespace={"__doc__": "Model shape in the recipe: a preset name and/or explicit dims (explicit wins), "
+                          "or init_from a model directory.",
+               "given_dims": _given_dims, "validate": _validate_model},
+)
+ModelConfigSpec.__module__ = __name__
+
+
+# --------------------------------------------------------------------------------------
+# Training (pretraining and SFT share TrainConfig)
+# --------------------------------------------------------------------------------------
+
+# TrainConfig fields that change no weight: progress and logging, checkpoint bookkeeping, evaluation
+# while training, experiment tracking, the MFU denominator, and recomputation that saves memory.
+_NOT_RESULT_FIELDS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
+                      "mc_eval", "mc_eval_items", "tensorboard", "wandb", "wandb_project", "peak_tflops",
+                      "activation_checkpointing")
 
 
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    precision: Precision = "auto"
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     max_steps: int = 200
@@ -111,13 +272,13 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     activation_checkpointing: bool = False
-    seed: int = 1337
+    seed: Optional[int] = None  # None: the recipe's top-level seed (resolve_seeds)
     progress: bool = True
     peak_tflops: Optional[float] = None  # device peak for MFU; None: look the device up in train/mfu.py
     # Under torchrun with N > 1 ranks: ddp (replicated model) | fsdp2 (fully_shard, sharded checkpoints).
     # grad_accum_steps counts micro-batches per step over all ranks (each rank runs 1/N of them).
-    distributed: str = "ddp"
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings, head, norms)
+    distributed: Distributed = "ddp"
+    optimizer: OptimizerName = "adamw"  # muon: Muon for the blocks' matrices, AdamW for embeddings, head, norms
     loss_chunk_size: int = 0  # > 0: the loss goes through the head this many tokens at a time (no full logits)
     mc_eval: Optional[str] = None  # multiple-choice jsonl (context/choices/label) scored at every eval step
     mc_eval_items: Optional[int] = 200  # score at most this many of its items (None: all)
@@ -126,33 +287,85 @@ class TrainConfig:
     wandb: bool = False  # Weights & Biases (set WANDB_MODE=offline to keep it on this machine)
     wandb_project: str = "llm-maker"
 
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that change the trained weights, for a stage's fingerprint.
+
+        Left out: progress, log_every, checkpoint_every, keep_checkpoints, eval_every, eval_batches,
+        mc_eval, mc_eval_items, tensorboard, wandb, wandb_project, peak_tflops (logging, bookkeeping,
+        evaluation and tracking: they change no weight) and activation_checkpointing (recomputes the
+        same activations to save memory). Kept: everything else, including device, precision,
+        compile, distributed and loss_chunk_size, which change the numbers (precision) or may, at
+        float-rounding level (kernels, reduction order): a result names everything that made it.
+        `seed` is the resolved one (after resolve_seeds)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESULT_FIELDS}
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "eval_batches"):
+            _check(getattr(self, name) >= 1, f, f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
+        _check(self.lr > 0, f, f"{key}.lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f, f"{key}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f, f"{key}.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, f, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(not (self.optimizer == "muon" and self.distributed == "fsdp2"), f, f"{key}.optimizer",
+               "is muon, which needs whole matrices (Newton-Schulz), but fsdp2 shards them; use distributed: ddp")
+        _check(self.loss_chunk_size >= 0, f, f"{key}.loss_chunk_size",
+               f"must be >= 0 (0: plain loss), got {self.loss_chunk_size}")
+        for switch, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if getattr(self, switch):
+                _check(importlib.util.find_spec(module) is not None, f, f"{key}.{switch}",
+                       f"is on but the `{module}` package is not installed: pip install 'llm-maker[tracking]'")
+        if check_files and self.mc_eval is not None:
+            _check(Path(self.mc_eval).is_file(), f, f"{key}.mc_eval", f"does not exist: {self.mc_eval}")
+
+
+# --------------------------------------------------------------------------------------
+# SFT, eval, the whole recipe
+# --------------------------------------------------------------------------------------
+
+def _is_local(source: str) -> bool:
+    """An SFT `source` that names a file (not builtin, not hf:NAME)."""
+    return source != "builtin" and not source.startswith("hf:")
+
 
 @dataclass
 class SFTSourceConfig:
     """One instruction set of a mixture (see sft/formats.py)."""
 
     source: str = "builtin"  # builtin | a .jsonl/.parquet file | hf:owner/name[:config] (needs `datasets`)
-    format: str = "auto"  # auto | messages | sharegpt | alpaca | dolly | squad
+    format: SFTFormat = "auto"
     weight: float = 1.0  # expected copies of each conversation: 0.5 keeps half, 2 repeats each twice
     split: str = "train"  # hub datasets only
     max_conversations: Optional[int] = None
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        if _is_local(self.source):
+            _exists(self.source, f, f"{key}.source", check_files)
+        _check(self.weight > 0, f, f"{key}.weight", f"must be positive, got {self.weight}")
 
 
 @dataclass
 class SFTDataConfig:
     source: str = "builtin"  # builtin | a .jsonl/.parquet file | hf:owner/name[:config]
-    format: str = "auto"  # format of `source`: auto | messages | sharegpt | alpaca | dolly | squad
+    format: SFTFormat = "auto"  # format of `source`
     mixture: list[SFTSourceConfig] = field(default_factory=list)  # several weighted sets; replaces `source`
     strip_system: bool = False  # drop system messages (a small model may do better without them)
     dedup: bool = True  # drop exact repeats of a conversation (before weighting)
     heldout_fraction: float = 0.1
     max_conversations: Optional[int] = None
 
+    def validate(self, f: str, check_files: bool) -> None:
+        if _is_local(self.source):
+            _exists(self.source, f, "sft.data.source", check_files)
+        for i, m in enumerate(self.mixture):
+            m.validate(f, f"sft.data.mixture[{i}]", check_files)
+        _check(0.0 <= self.heldout_fraction < 1.0, f, "sft.data.heldout_fraction", "must be in [0, 1)")
+
 
 @dataclass
 class SFTConfig:
     enabled: bool = True
-    template: str = "chatml"  # chatml | parchment
+    template: TemplateName = "chatml"
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=100, warmup_steps=10))
 
@@ -176,7 +389,7 @@ class EvalConfig:
 class Recipe:
     name: str = "run"
     run_dir: str = "runs/run"
-    seed: int = 1337
+    seed: int = DEFAULT_SEED  # every stage's seed unless the stage sets its own (train.seed, sft.train.seed)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
@@ -184,7 +397,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    source_file: Optional[str] = None  # set by load_recipe; not a YAML key
+    source_file: Optional[str] = field(default=None, metadata=NOT_YAML)  # set by load_recipe
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -193,17 +406,8 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------
-# Semantic validation
+# The steps after parsing: paths, seeds, validation
 # --------------------------------------------------------------------------------------
-
-SOURCE_TYPES = ("builtin", "text", "jsonl", "parquet", "fineweb-edu")
-TEMPLATES = ("chatml", "parchment")
-
-
-def _check(cond: bool, recipe_file: str, key: str, message: str) -> None:
-    if not cond:
-        raise RecipeError(f"{recipe_file}: `{key}` {message}")
-
 
 def _resolve(path: Optional[str], base: Path) -> Optional[str]:
     if path is None:
@@ -212,123 +416,43 @@ def _resolve(path: Optional[str], base: Path) -> Optional[str]:
     return str(p if p.is_absolute() else (base / p))
 
 
-def validate_recipe(r: Recipe, recipe_file: str, base: Path, check_files: bool = True) -> None:
-    """Check every value that could only fail later, naming the key and the recipe file."""
-    from llm_maker.model.presets import PRESETS, resolve_model_config
+def resolve_paths(r: Recipe, base: Path) -> None:
+    """Make every path of the recipe absolute, in place: relative ones are read against `base`
+    (the recipe's folder); run_dir against the working directory, where the run is launched."""
+    for s in r.data.sources:
+        s.path = _resolve(s.path, base)
+        s.cache_dir = _resolve(s.cache_dir, base)
+    r.tokenizer.path = _resolve(r.tokenizer.path, base)
+    r.model.init_from = _resolve(r.model.init_from, base)
+    for tc in (r.train, r.sft.train):
+        tc.mc_eval = _resolve(tc.mc_eval, base)
+    for s in (r.sft.data, *r.sft.data.mixture):
+        if _is_local(s.source):
+            s.source = _resolve(s.source, base)
+    r.run_dir = _resolve(r.run_dir, Path.cwd()) or r.run_dir
 
+
+def resolve_seeds(r: Recipe) -> None:
+    """One seed rule: a stage's own seed wins; otherwise the recipe's top-level `seed`. (Data
+    selection is keyed by data.selection_key; the built-in SFT set and eval use the top-level seed.)"""
+    for tc in (r.train, r.sft.train):
+        if tc.seed is None:
+            tc.seed = r.seed
+
+
+def validate_recipe(r: Recipe, recipe_file: str, check_files: bool = True) -> None:
+    """Check every value that could only fail later, naming the key and the recipe file. Run it
+    after resolve_paths (file checks read the resolved paths)."""
     f = recipe_file
     _check(bool(r.name) and "/" not in r.name, f, "name", f"must be a non-empty name without '/', got {r.name!r}")
-    _check(len(r.data.sources) > 0, f, "data.sources", "must list at least one source")
-    for i, s in enumerate(r.data.sources):
-        key = f"data.sources[{i}]"
-        _check(s.type in SOURCE_TYPES, f, f"{key}.type", f"must be one of {SOURCE_TYPES}, got {s.type!r}")
-        if s.type not in ("builtin", "fineweb-edu"):
-            _check(s.path is not None, f, f"{key}.path", f"is required for a {s.type} source")
-        if s.path is not None:
-            s.path = _resolve(s.path, base)
-            if check_files:
-                _check(Path(s.path).exists(), f, f"{key}.path", f"does not exist: {s.path}")
-        s.cache_dir = _resolve(s.cache_dir, base)
-        _validate_fineweb_fields(s, f, key)
-        if s.max_documents is not None:
-            _check(s.max_documents > 0, f, f"{key}.max_documents", "must be positive")
-    d = r.data
-    _check(0.0 < d.fraction <= 1.0, f, "data.fraction", f"must be in (0, 1], got {d.fraction}")
-    _check(0.0 < d.val_fraction < 1.0, f, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    _check(d.max_documents is None or d.max_documents > 1, f, "data.max_documents", "must be at least 2")
-
-    t = r.tokenizer
-    _check(t.type in ("bpe", "pretrained"), f, "tokenizer.type", f"must be bpe or pretrained, got {t.type!r}")
-    if t.type == "bpe":
-        _check(300 <= t.vocab_size <= 1_000_000, f, "tokenizer.vocab_size", f"must be in [300, 1000000], got {t.vocab_size}")
-    else:
-        _check(t.path is not None, f, "tokenizer.path", "is required when tokenizer.type is pretrained")
-        t.path = _resolve(t.path, base)
-        if check_files:
-            _check(Path(t.path).exists(), f, "tokenizer.path", f"does not exist: {t.path}")
-
-    _check(r.pack.dtype in ("auto", "uint16", "uint32"), f, "pack.dtype", f"must be auto, uint16 or uint32, got {r.pack.dtype!r}")
-    _check(r.pack.workers >= 1, f, "pack.workers", "must be at least 1")
-    _check(r.pack.shard_tokens >= 1024, f, "pack.shard_tokens", f"must be at least 1024, got {r.pack.shard_tokens}")
-    if r.pack.dtype == "uint16" and t.type == "bpe":
-        _check(t.vocab_size <= 65535, f, "pack.dtype",
-               f"is uint16 but tokenizer.vocab_size is {t.vocab_size} (> 65535); use uint32 or auto")
-
-    m = r.model
-    if m.init_from is not None:
-        m.init_from = _resolve(m.init_from, base)
-        if check_files:
-            _check((Path(m.init_from) / "config.json").is_file(), f, "model.init_from",
-                   f"is not a model directory (no config.json): {m.init_from}")
-        dims = [n for n in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "vocab_size", "seq_len",
-                            "tie_embeddings", "rope_theta", "norm_eps") if getattr(m, n) is not None]
-        _check(not dims, f, f"model.{dims[0] if dims else ''}", "cannot be set with model.init_from (the "
-               "initial model's config.json gives the shape)")
-    if m.preset is not None:
-        _check(m.preset in PRESETS, f, "model.preset", f"unknown preset {m.preset!r}; choose one of {sorted(PRESETS)}")
-    try:
-        resolve_model_config(m, vocab_size=m.vocab_size or (t.vocab_size if t.type == "bpe" else None) or 256)
-    except ValueError as e:  # the message is "field: why"
-        name, _, why = str(e).partition(": ")
-        raise RecipeError(f"{f}: `model.{name}` {why}") from None
-
-    for key, tc in (("train", r.train), ("sft.train", r.sft.train)):
-        _validate_train(tc, f, key)
-        tc.mc_eval = _resolve(tc.mc_eval, base)
-        if check_files and tc.mc_eval is not None:
-            _check(Path(tc.mc_eval).is_file(), f, f"{key}.mc_eval", f"does not exist: {tc.mc_eval}")
-    _check(r.sft.template in TEMPLATES, f, "sft.template", f"must be one of {TEMPLATES}, got {r.sft.template!r}")
-    _validate_sft_source(r.sft.data, f, "sft.data", base, check_files and r.sft.enabled)
-    for i, m in enumerate(r.sft.data.mixture):
-        _validate_sft_source(m, f, f"sft.data.mixture[{i}]", base, check_files and r.sft.enabled)
-        _check(m.weight > 0, f, f"sft.data.mixture[{i}].weight", f"must be positive, got {m.weight}")
-    _check(0.0 <= r.sft.data.heldout_fraction < 1.0, f, "sft.data.heldout_fraction", "must be in [0, 1)")
+    r.data.validate(f, check_files)
+    r.tokenizer.validate(f, check_files)
+    r.pack.validate(f, r.tokenizer)
+    r.model.validate(f, r.tokenizer, check_files)
+    r.train.validate(f, "train", check_files)
+    r.sft.train.validate(f, "sft.train", check_files)
+    r.sft.data.validate(f, check_files and r.sft.enabled)
     _check(r.eval.max_new_tokens > 0, f, "eval.max_new_tokens", "must be positive")
-
-
-def _validate_fineweb_fields(s: SourceConfig, f: str, key: str) -> None:
-    """The fineweb-edu fields: checked in data/fineweb.py, which raises ValueError("field: why")."""
-    from llm_maker.data.fineweb import check_source_fields
-
-    try:
-        check_source_fields(s)
-    except ValueError as e:
-        name, _, why = str(e).partition(": ")
-        raise RecipeError(f"{f}: `{key}.{name}` {why}") from None
-
-
-def _validate_sft_source(s: Any, f: str, key: str, base: Path, check_files: bool) -> None:
-    """`source` of sft.data or of a mixture entry: builtin, hf:NAME, or a local file."""
-    from llm_maker.sft.formats import FORMATS
-
-    _check(s.format in FORMATS, f, f"{key}.format", f"must be one of {FORMATS}, got {s.format!r}")
-    if s.source == "builtin" or s.source.startswith("hf:"):
-        return
-    s.source = _resolve(s.source, base)
-    if check_files:
-        _check(Path(s.source).exists(), f, f"{key}.source", f"does not exist: {s.source}")
-
-
-def _validate_train(tc: TrainConfig, f: str, key: str) -> None:
-    _check(tc.precision in ("auto", "bf16", "fp32"), f, f"{key}.precision", f"must be auto, bf16 or fp32, got {tc.precision!r}")
-    for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "checkpoint_every",
-                 "keep_checkpoints", "log_every", "eval_batches"):
-        _check(getattr(tc, name) >= 1, f, f"{key}.{name}", f"must be at least 1, got {getattr(tc, name)}")
-    _check(tc.lr > 0, f, f"{key}.lr", f"must be positive, got {tc.lr}")
-    _check(0 <= tc.min_lr_ratio <= 1, f, f"{key}.min_lr_ratio", "must be in [0, 1]")
-    _check(tc.warmup_steps >= 0, f, f"{key}.warmup_steps", "must be >= 0")
-    _check(tc.grad_clip >= 0, f, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
-    _check(tc.distributed in ("ddp", "fsdp2"), f, f"{key}.distributed", f"must be ddp or fsdp2, got {tc.distributed!r}")
-    _check(tc.optimizer in ("adamw", "muon"), f, f"{key}.optimizer", f"must be adamw or muon, got {tc.optimizer!r}")
-    _check(not (tc.optimizer == "muon" and tc.distributed == "fsdp2"), f, f"{key}.optimizer",
-           "is muon, which needs whole matrices (Newton-Schulz), but fsdp2 shards them; use distributed: ddp")
-    _check(tc.loss_chunk_size >= 0, f, f"{key}.loss_chunk_size", f"must be >= 0 (0: plain loss), got {tc.loss_chunk_size}")
-    for switch, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        if getattr(tc, switch):
-            import importlib.util
-
-            _check(importlib.util.find_spec(module) is not None, f, f"{key}.{switch}",
-                   f"is on but the `{module}` package is not installed: pip install 'llm-maker[tracking]'")
 
 
 def load_recipe(path: str | Path, overrides: Optional[dict[str, Any]] = None, check_files: bool = True) -> Recipe:
@@ -350,18 +474,17 @@ def load_recipe(path: str | Path, overrides: Optional[dict[str, Any]] = None, ch
 
 def recipe_from_dict(raw: dict[str, Any], recipe_file: str = "<recipe>", base: Path | None = None,
                      check_files: bool = True) -> Recipe:
+    """Parse a raw YAML tree, then run the named steps: resolve_paths, resolve_seeds, validate_recipe."""
     r = parse_dataclass(Recipe, raw, "", recipe_file)
-    base = base or Path.cwd()
-    validate_recipe(r, recipe_file, base, check_files=check_files)
-    r.run_dir = _resolve(r.run_dir, Path.cwd()) or r.run_dir
+    resolve_paths(r, base or Path.cwd())
+    resolve_seeds(r)
+    validate_recipe(r, recipe_file, check_files=check_files)
     r.source_file = recipe_file
     return r
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Apply dotted-key overrides (`train.max_steps=10`) to the raw YAML tree."""
-    import copy
-
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = raw

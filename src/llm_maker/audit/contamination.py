@@ -25,10 +25,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from llm_maker.artifacts import atomic_write_json, atomic_write_text, read_manifest
+from llm_maker.artifacts import atomic_write_json, atomic_write_text, iter_jsonl_rows, read_manifest
 from llm_maker.audit.ngrams import EvalNgrams
 from llm_maker.errors import DataError, LLMMakerError
 from llm_maker.layout import RunPaths
+from llm_maker.pack.shards import load_split
 from llm_maker.tokenizer.tokenizer import Tokenizer
 
 CHUNK_TOKENS = 1 << 22  # training tokens hashed at a time: ~100 MB of temporaries
@@ -69,19 +70,7 @@ def item_from_row(row: Any, where: str) -> EvalItem:
 
 
 def read_eval_set(path: Path) -> list[EvalItem]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: evaluation set not found")
-    items = []
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None
-                items.append(item_from_row(row, f"{path}:{lineno}"))
-    return items
+    return [item_from_row(row, where) for where, row in iter_jsonl_rows(path, "evaluation set")]
 
 
 SOURCE_FILES = {"pretrain": "data/train.jsonl", "sft": "sft/data/train.jsonl"}  # where a match's document is
@@ -101,8 +90,6 @@ def sft_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
 
 def training_streams(paths: RunPaths, tokenizer: Tokenizer, include_sft: bool) -> Iterator[tuple[str, Any]]:
     """(name, tokens) of what the run trained on: the packed train split, then SFT's training set."""
-    from llm_maker.pack import load_split
-
     manifest = read_manifest(paths.pack)
     if manifest is None:
         raise LLMMakerError(f"{paths.pack}: no manifest.json; run the `pack` stage before the audit")

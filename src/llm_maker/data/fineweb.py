@@ -29,23 +29,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
 
-from llm_maker.artifacts import atomic_write_json
+from llm_maker.artifacts import atomic_write_json, sha256_file
+from llm_maker.data.sources import PARQUET_BATCH_ROWS, Document
 from llm_maker.errors import DataError
-from llm_maker.recipe import SourceConfig
+from llm_maker.recipe import FINEWEB_EDU_REPO, FINEWEB_EDU_SCORE_2_REPO, SourceConfig
 
-DEFAULT_REPO = "HuggingFaceFW/fineweb-edu"
-SCORE_2_REPO = "HuggingFaceFW/fineweb-edu-score-2"
+DEFAULT_REPO, SCORE_2_REPO = FINEWEB_EDU_REPO, FINEWEB_EDU_SCORE_2_REPO  # named in the recipe, its default
 DEFAULT_CACHE_DIR = "~/.cache/llm-maker/hub"
 INDEX_FILE = ".llm-maker-files.json"
-BATCH_ROWS = 1024  # rows per parquet batch: ~5 MB of text in memory at a time
-CONFIG_PATTERN = re.compile(r"sample-\d+BT|default|CC-MAIN-\d{4}-\d{2}")
+
 
 # FineWeb-Edu's exact schema, as its shards store it
 COLUMNS = {"text": "string", "id": "string", "dump": "string", "url": "string", "date": "string",
            "file_path": "string", "language": "string", "language_score": "double",
            "token_count": "int64", "score": "double", "int_score": "int64"}
 
-# recipe field -> (column, keep rows where column OP value)
+# filter (a field of the recipe's FineWebFilters) -> (column, keep rows where column OP value);
+# a dropped row is counted under the first filter it fails, in this order
 FILTERS = {
     "min_score": ("score", ">="),
     "min_int_score": ("int_score", ">="),
@@ -65,45 +65,14 @@ class RemoteFile(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------
-# Recipe checks and small pure helpers
+# Small pure helpers
 # --------------------------------------------------------------------------------------
 
 def active_filters(source: SourceConfig) -> list[tuple[str, str, str, Any]]:
-    """(recipe field, column, op, value) of every row filter the source sets."""
-    return [(name, col, op, getattr(source, name)) for name, (col, op) in FILTERS.items()
-            if getattr(source, name) is not None]
-
-
-def check_source_fields(source: SourceConfig) -> None:
-    """Raise ValueError("field: why") for an impossible fineweb-edu setting (recipe.py names the key)."""
-    if source.type != "fineweb-edu":
-        for name in (*FILTERS, "max_files"):
-            if getattr(source, name) is not None:
-                raise ValueError(f"{name}: applies only to fineweb-edu sources, not {source.type}")
-        return
-    if not CONFIG_PATTERN.fullmatch(source.config):
-        raise ValueError(f"config: must be sample-NBT (sample-10BT, sample-100BT, ...), default or a dump "
-                         f"such as CC-MAIN-2024-10, got {source.config!r}")
-    if "/" not in source.repo_id:
-        raise ValueError(f"repo_id: must be owner/name, got {source.repo_id!r}")
-    bounds = {"min_score": (0, 5), "min_int_score": (0, 5), "min_language_score": (0, 1)}
-    for name, (lo, hi) in bounds.items():
-        value = getattr(source, name)
-        if value is not None and not lo <= value <= hi:
-            raise ValueError(f"{name}: must be in [{lo}, {hi}], got {value}")
-    for name in ("min_token_count", "max_token_count", "max_files"):
-        value = getattr(source, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name}: must be at least 1, got {value}")
-    if source.min_token_count and source.max_token_count and source.min_token_count > source.max_token_count:
-        raise ValueError(f"min_token_count: {source.min_token_count} is above max_token_count {source.max_token_count}")
-    # FineWeb-Edu itself holds only int_score >= 3 (score >= 2.5): a lower threshold would silently do nothing
-    below = ((source.min_int_score is not None and source.min_int_score < 3)
-             or (source.min_score is not None and source.min_score < 2.5))
-    if source.path is None and source.repo_id == DEFAULT_REPO and below:
-        name = "min_int_score" if source.min_int_score is not None and source.min_int_score < 3 else "min_score"
-        raise ValueError(f"{name}: is {getattr(source, name)}, but {DEFAULT_REPO} holds only rows with int_score >= 3; "
-                         f"set repo_id: {SCORE_2_REPO} for a threshold of 2")
+    """(filter name, column, op, value) of every row filter the source sets (its rules are checked
+    by the recipe: FineWebFilters.validate)."""
+    active = source.filters.active() if source.filters is not None else {}
+    return [(name, col, op, active[name]) for name, (col, op) in FILTERS.items() if name in active]
 
 
 def config_folder(config: str) -> str:
@@ -347,12 +316,10 @@ def iter_fineweb(source: SourceConfig, dropped: Optional[Counter] = None) -> Ite
     """Documents ("<shard>:<row>", text) of the source's shards that pass its filters, in shard order.
 
     Every shard's footer is checked before the first row is read, so a bad shard fails before
-    any work; memory holds one batch of BATCH_ROWS rows of the needed columns only."""
+    any work; memory holds one batch of PARQUET_BATCH_ROWS rows of the needed columns only."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from llm_maker.data.sources import Document
 
     dropped = dropped if dropped is not None else Counter()
     files = shard_files(source)
@@ -366,7 +333,7 @@ def iter_fineweb(source: SourceConfig, dropped: Optional[Counter] = None) -> Ite
         row = 0
         try:
             with pq.ParquetFile(path) as pf:
-                for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
                     keep = keep_mask(batch, filters, dropped)
                     texts = batch.column(0).filter(pa.array(keep)).to_pylist()
                     for offset, text in zip(np.flatnonzero(keep).tolist(), texts):
@@ -381,8 +348,6 @@ def iter_fineweb(source: SourceConfig, dropped: Optional[Counter] = None) -> Ite
 
 def describe_files(source: SourceConfig) -> list[dict[str, Any]]:
     """Path, size and SHA-256 of each shard (downloaded shards: from the verified index, no re-hash)."""
-    from llm_maker.artifacts import sha256_file
-
     if source.path is not None:
         return [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in shard_files(source)]
     root = download_root(source)

@@ -1,5 +1,5 @@
-"""Read the documents of one corpus source: plain text, JSON Lines, Parquet, FineWeb-Edu
-(data/fineweb.py: downloaded or local shards, filtered on its quality columns) or the built-in corpus.
+"""Read the documents of one local corpus source: plain text, JSON Lines, Parquet or the built-in
+corpus (FineWeb-Edu's reader is data/fineweb.py; data/stage.py:iter_documents picks the reader).
 
 Every reader streams (one file, one line or one Parquet batch at a time) so a corpus larger
 than RAM can be read, and every malformed input raises a DataError naming the file (and the
@@ -7,17 +7,17 @@ line, byte offset or column) instead of a bare library exception.
 """
 from __future__ import annotations
 
-import itertools
 import json
-from collections import Counter
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple
 
+from llm_maker.artifacts import iter_jsonl_lines
+from llm_maker.data.builtin import builtin_documents
 from llm_maker.errors import DataError
 from llm_maker.recipe import SourceConfig
 
 TEXT_SUFFIXES = (".txt", ".md")
-PARQUET_BATCH_ROWS = 1024  # rows per Parquet batch: bounds memory to ~1024 documents
+PARQUET_BATCH_ROWS = 1024  # rows per Parquet batch, for every Parquet reader: bounds memory to ~1024 documents
 
 
 class Document(NamedTuple):
@@ -91,12 +91,8 @@ def iter_jsonl(source: SourceConfig) -> Iterator[Document]:
     """One document per non-blank line of each .jsonl file."""
     for path in source_files(source):
         name = _relative_name(path, source)
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                text = parse_jsonl_line(line, source.text_field, f"{path}:{lineno}")
-                yield Document(f"{name}:{lineno}", text)
+        for lineno, line in iter_jsonl_lines(path, "jsonl source file"):
+            yield Document(f"{name}:{lineno}", parse_jsonl_line(line, source.text_field, f"{path}:{lineno}"))
 
 
 def iter_parquet(source: SourceConfig) -> Iterator[Document]:
@@ -129,29 +125,8 @@ def iter_parquet(source: SourceConfig) -> Iterator[Document]:
 
 
 def iter_builtin(source: SourceConfig) -> Iterator[Document]:
-    from llm_maker.data.builtin import builtin_documents
-
     for doc_id, text in builtin_documents():
         yield Document(doc_id, text)
 
 
 READERS = {"builtin": iter_builtin, "text": iter_text, "jsonl": iter_jsonl, "parquet": iter_parquet}
-
-
-def iter_documents(source: SourceConfig, dropped: Optional[Counter] = None) -> Iterator[Document]:
-    """The documents of one source in a fixed order, at most `source.max_documents` of them.
-
-    `dropped` counts rows a reader skipped and why (fineweb-edu's column filters)."""
-    if source.type == "fineweb-edu":
-        from llm_maker.data.fineweb import iter_fineweb
-
-        docs = iter_fineweb(source, dropped)
-    else:
-        reader = READERS.get(source.type)
-        if reader is None:
-            raise DataError(f"unknown data source type {source.type!r}; expected one of "
-                            f"{', '.join([*READERS, 'fineweb-edu'])}")
-        docs = reader(source)
-    if source.max_documents is not None:
-        docs = itertools.islice(docs, source.max_documents)
-    return docs

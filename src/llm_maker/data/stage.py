@@ -12,20 +12,40 @@ every source has been read and checked, so a failure leaves an earlier DATA_DIR 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
-from llm_maker.artifacts import atomic_dir, is_up_to_date, sha256_file, stage_fingerprint, write_manifest
+from llm_maker.artifacts import (atomic_dir, is_up_to_date, iter_jsonl_rows, sha256_file, stage_fingerprint,
+                                 write_manifest)
 from llm_maker.data.builtin import builtin_signature
 from llm_maker.data.select import SelectionCounts, select_documents
-from llm_maker.data.sources import Document, iter_documents, source_files, source_label
+from llm_maker.data.fineweb import describe_files, iter_fineweb
+from llm_maker.data.sources import READERS, Document, source_files, source_label
 from llm_maker.errors import DataError
+from llm_maker.layout import SPLITS
 from llm_maker.recipe import DataConfig, SourceConfig
 
-SPLITS = ("train", "val")
+
+
+def iter_documents(source: SourceConfig, dropped: Optional[Counter] = None) -> Iterator[Document]:
+    """The documents of one source in a fixed order, at most `source.max_documents` of them.
+
+    `dropped` counts rows a reader skipped and why (fineweb-edu's column filters)."""
+    if source.type == "fineweb-edu":
+        docs = iter_fineweb(source, dropped)
+    else:
+        reader = READERS.get(source.type)
+        if reader is None:
+            raise DataError(f"unknown data source type {source.type!r}; expected one of "
+                            f"{', '.join([*READERS, 'fineweb-edu'])}")
+        docs = reader(source)
+    if source.max_documents is not None:
+        docs = itertools.islice(docs, source.max_documents)
+    return docs
 
 
 def source_signature(cfg: DataConfig) -> list[dict[str, Any]]:
@@ -62,8 +82,6 @@ def _describe_source(source: SourceConfig, content_sha256: str, documents: int,
     if source.type == "builtin":
         entry.update(builtin_signature())
     elif source.type == "fineweb-edu":
-        from llm_maker.data.fineweb import describe_files
-
         entry.update(path=source.path, repo_id=source.repo_id, config=source.config, revision=source.revision,
                      files=describe_files(source))
     else:
@@ -127,14 +145,11 @@ def iter_split(data_dir: Path, split: str) -> Iterator[Document]:
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: missing; run the `data` stage first")
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                record = json.loads(line)
-                yield Document(record["id"], record["text"])
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}:{lineno}: not an {{\"id\", \"text\"}} record; "
-                                "rerun the `data` stage") from None
+    for where, record in iter_jsonl_rows(path, "data split"):
+        try:
+            yield Document(record["id"], record["text"])
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: not an {{\"id\", \"text\"}} record; rerun the `data` stage") from None
 
 
 def iter_split_batches(data_dir: Path, split: str, batch_documents: int) -> Iterator[list[Document]]:

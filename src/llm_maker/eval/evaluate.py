@@ -23,15 +23,18 @@ import torch
 
 from llm_maker.artifacts import (is_up_to_date, read_manifest, require_manifest, stage_fingerprint,
                                  write_manifest)
+from llm_maker.devices import resolve_device
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.eval.report import REPORT_JSON, write_report
 from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaModel
-from llm_maker.pack import load_split, unigram_loss
+from llm_maker.pack.shards import load_split, unigram_loss
 from llm_maker.recipe import Recipe
 from llm_maker.serve.generate import REPLACEMENT_CHAR, answer_ids, complete, complete_ids, generate
 from llm_maker.sft.dataset import load_conversations
 from llm_maker.sft.templates import end_token, prompt_ids, stop_token_ids
+from llm_maker.train.evaluation import mean_loss
+from llm_maker.train.loss import CausalLMLoss
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import WEIGHTS, load_model_dir
 
@@ -56,23 +59,20 @@ def validation_blocks(n_tokens: int, seq_len: int, batch_size: int, max_batches:
 def validation_loss(model: LlamaModel, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int,
                     device: torch.device | str) -> float:
     """Mean next-token loss over the first `batch_size * max_batches` non-overlapping blocks of
-    `tokens` (block i predicts tokens[i*T+1 : i*T+T+1] from tokens[i*T : i*T+T]).
+    `tokens` (block i predicts tokens[i*T+1 : i*T+T+1] from tokens[i*T : i*T+T]), by the
+    training loop's own definition (train/evaluation.py).
 
     Deterministic: always the same blocks, in order."""
     seq_len, n_blocks = validation_blocks(len(tokens), seq_len, batch_size, max_batches)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
+
+    def batches():
         for first in range(0, n_blocks, batch_size):
             rows = range(first, min(first + batch_size, n_blocks))
             block = np.stack([np.asarray(tokens[r * seq_len:r * seq_len + seq_len + 1]) for r in rows])  # (B, T+1)
-            block = torch.from_numpy(block.astype(np.int64)).to(device)
-            loss = model(block[:, :-1], targets=block[:, 1:])  # mean over B*T targets
-            total += loss.item() * block[:, 1:].numel()
-            count += block[:, 1:].numel()
-    model.train(was_training)
-    return total / count
+            block = torch.from_numpy(block.astype(np.int64))
+            yield block[:, :-1], block[:, 1:]
+
+    return mean_loss(CausalLMLoss(model), batches(), device)
 
 
 def perplexity(loss: Optional[float]) -> Optional[float]:
@@ -218,8 +218,6 @@ def eval_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
 
 def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
     """Evaluate the run's base (and SFT) model; returns eval/ holding report.json and report.md."""
-    from llm_maker.train.trainer import resolve_device
-
     out = paths.eval
     fp = eval_fingerprint(recipe, paths)
     if not force and is_up_to_date(out, fp) and (out / REPORT_JSON).is_file():

@@ -1,8 +1,8 @@
-"""`llm-maker eval RUN_DIR --suite TASKS`: lm-evaluation-harness on the exported model, with the
-seeds' headline metrics and a side-by-side table against local baseline models.
+"""`llm-maker lm-eval RUN_DIR --suite TASKS`: lm-evaluation-harness on the exported model, with one
+headline metric per task and a side-by-side table against local baseline models.
 
 TASKS is a comma-separated list of:
-  seeds            the seeds' suite: HellaSwag, ARC-Easy/Challenge and PIQA (acc_norm), WinoGrande
+  seeds            the small-model suite of SEED_SUITE: HellaSwag, ARC-Easy/Challenge and PIQA (acc_norm), WinoGrande
                    and LAMBADA (acc), SciQ (acc_norm), WikiText-2 (word perplexity); their data
                    comes from the Hugging Face Hub, so it needs network (or a warm datasets cache)
   FILE.jsonl       a local task, written as an lm-eval task YAML over the file: rows with
@@ -29,9 +29,14 @@ import yaml
 
 from llm_maker.artifacts import atomic_write_json, atomic_write_text
 from llm_maker.errors import LLMMakerError
+from llm_maker.export.hf import export_to_temp
+from llm_maker.layout import FINAL, TRAIN_STAGES, run_dir_of
+from llm_maker.markdown import MISSING
+from llm_maker.tokenizer.tokenizer import Tokenizer
 
-SEED_SUITE = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
-              "winogrande": "acc", "lambada_openai": "acc", "sciq": "acc_norm", "wikitext": "word_perplexity"}
+SEED_SUITE = {  # task -> headline metric: the benchmarks small Llama-style models are usually reported on
+    "hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
+    "winogrande": "acc", "lambada_openai": "acc", "sciq": "acc_norm", "wikitext": "word_perplexity"}
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
 HEADLINE_ORDER = ("acc_norm", "acc", "word_perplexity", "perplexity", "byte_perplexity")
 LOCAL_PREFIX = "llm_maker_"  # generated task names, clear of lm-eval's registered ones
@@ -154,7 +159,7 @@ def run_lm_eval(hf_dir: Path, suite: Suite, device: str, batch_size: Any, limit:
         from lm_eval import evaluator
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise LLMMakerError("`llm-maker eval --suite` needs lm-eval: pip install 'llm-maker[hf]'") from None
+        raise LLMMakerError("`llm-maker lm-eval` needs lm-eval: pip install 'llm-maker[hf]'") from None
     # Indexing lm-eval's ~10k built-in task files takes seconds: skip it when every task is ours.
     manager = TaskManager(include_path=suite.include_paths or None, include_defaults=not suite.local_only)
     missing = [t for t in suite.tasks if t not in manager.all_tasks]
@@ -204,10 +209,10 @@ def comparison_table(columns: dict[str, dict[str, dict]]) -> str:
         cells = []
         for name in names:
             v = columns[name].get(task, {}).get("value")
-            cells.append("—" if v is None else (f"{v:.2f}" if h["metric"] in LOWER_IS_BETTER else f"{v:.4f}"))
+            cells.append(MISSING if v is None else (f"{v:.2f}" if h["metric"] in LOWER_IS_BETTER else f"{v:.4f}"))
         lines.append(f"| {display_name(task)} | {h['metric']} {arrow} | " + " | ".join(cells) + " |")
     if len(names) > 1:
-        cells = ["—"] + [f"{w}/{n} ({100 * w / n:.0f}%)" if n else "—"
+        cells = [MISSING] + [f"{w}/{n} ({100 * w / n:.0f}%)" if n else MISSING
                          for w, n in (win_rate(ours, columns[name]) for name in names[1:])]
         lines.append(f"| **{names[0]} wins** | | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -234,15 +239,13 @@ def default_batch_size(device: str) -> Any:
 def model_label(model_dir: Path) -> str:
     """`demo/sft` for runs/demo/sft/final; the folder name otherwise."""
     model_dir = Path(model_dir).resolve()
-    if model_dir.name == "final" and model_dir.parent.name in ("pretrain", "sft"):
+    if model_dir.name == FINAL and model_dir.parent.name in TRAIN_STAGES:
         return f"{model_dir.parent.parent.name}/{model_dir.parent.name}"
     return model_dir.name
 
 
 def suite_out_dir(model_dir: Path) -> Path:
     """RUN_DIR/eval/lm_eval for a model of a run (where the model card looks); else MODEL_DIR/lm_eval."""
-    from llm_maker.export.card import run_dir_of
-
     run = run_dir_of(Path(model_dir).resolve())
     return run / "eval" / "lm_eval" if run is not None else Path(model_dir) / "lm_eval"
 
@@ -257,9 +260,6 @@ def hf_dir_for(model_dir: Path, work: Path) -> tuple[Path, Optional[int]]:
     directory as it is, an llm-maker model directory exported under `work`."""
     if is_hf_dir(model_dir):
         return model_dir, None
-    from llm_maker.export.hf import export_to_temp
-    from llm_maker.tokenizer.tokenizer import Tokenizer
-
     return export_to_temp(model_dir, work), Tokenizer.load(model_dir).eos_id
 
 

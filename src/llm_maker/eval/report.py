@@ -9,36 +9,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llm_maker.artifacts import atomic_write_json, atomic_write_text
+from llm_maker.markdown import MISSING, cell, number, percent, table
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-CELL_CHARS = 100  # longer answers are cut in the tables (report.json keeps them whole)
-
-
-def cell(text: Any, limit: int = CELL_CHARS) -> str:
-    """A table-safe cell: one line, pipes escaped, cut to `limit` characters."""
-    if text is None:
-        return "—"
-    s = " ".join(str(text).split())  # newlines and runs of spaces would break the table
-    if len(s) > limit:
-        s = s[:limit - 1] + "…"
-    return s.replace("|", "\\|")
-
-
-def number(x: Optional[float], digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    return f"{x:,}" if isinstance(x, int) else f"{x:.{digits}f}"
-
-
-def percent(x: Optional[float]) -> str:
-    return "—" if x is None else f"{100 * x:.0f}%"
 
 
 def stop_cell(answer: Optional[dict[str, Any]]) -> str:
-    """seed 004's notation: `eos@13 "text"` stopped after 13 tokens, `cut@48` never stopped."""
+    """`eos@13 text`: stopped after 13 tokens; `doc-end@N`: halted on <|endoftext|>; `cut@48`: never stopped."""
     if answer is None:
-        return "—"
+        return MISSING
     if answer["stopped"]:
         mark = f"eos@{answer['n_tokens']}"
     elif answer.get("ended_document"):  # halted on <|endoftext|>: a document ended, not the turn
@@ -49,16 +29,10 @@ def stop_cell(answer: Optional[dict[str, Any]]) -> str:
     return f"{mark} {cell(text) if text.strip() else cell(repr(text), 24)}"  # show a blank answer's whitespace
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines + [""]
-
-
 def _models_section(report: dict[str, Any]) -> list[str]:
     rows = [[name, number(info["parameters"]), number(info.get("tokens_seen")), number(info.get("steps")),
              cell(info["dir"])] for name, info in report["models"].items() if info]
-    return ["## Models", ""] + _table(["model", "parameters", "tokens seen", "steps", "directory"], rows)
+    return ["## Models", ""] + table(["model", "parameters", "tokens seen", "steps", "directory"], rows)
 
 
 def _validation_section(report: dict[str, Any]) -> list[str]:
@@ -68,7 +42,7 @@ def _validation_section(report: dict[str, Any]) -> list[str]:
     rows.append(["unigram baseline", number(v["unigram_loss"]), number(v["unigram_perplexity"], 2)])
     return (["## Validation loss", "", f"Next-token loss on {v['tokens_scored']:,} tokens of the packed val split "
              "(nats/token); the unigram baseline knows only token frequencies.", ""]
-            + _table(["model", "val loss", "perplexity"], rows))
+            + table(["model", "val loss", "perplexity"], rows))
 
 
 def _stop_section(report: dict[str, Any]) -> list[str]:
@@ -77,13 +51,13 @@ def _stop_section(report: dict[str, Any]) -> list[str]:
     rows = [[cell(r["prompt"], 60), r["source"]] + [stop_cell(r[n]) for n in names] for r in st["rows"]]
     n = len(st["rows"])
     rows.append(["**stopped**", ""] + [
-        f"**{sum(r[m]['stopped'] for r in st['rows'])}/{n} ({percent(st['stop_fraction'][m])})**" if n else "—"
+        f"**{sum(r[m]['stopped'] for r in st['rows'])}/{n} ({percent(st['stop_fraction'][m])})**" if n else MISSING
         for m in names])
     intro = (f"The same prompts in the `{st['template']}` template, answered greedily (at most "
              f"{st['max_new_tokens']} new tokens). `eos@N`: ended the turn with `{st.get('stop_token', 'EOS')}` "
              "after N tokens; `doc-end@N`: halted on `<|endoftext|>` as if a document ended (a base "
              "model's habit, not a learned stop); `cut@N`: never stopped.")
-    return ["## Does it answer and stop? (base vs SFT)", "", intro, ""] + _table(["prompt", "from"] + names, rows)
+    return ["## Does it answer and stop? (base vs SFT)", "", intro, ""] + table(["prompt", "from"] + names, rows)
 
 
 def _exact_match_section(report: dict[str, Any]) -> list[str]:
@@ -94,16 +68,16 @@ def _exact_match_section(report: dict[str, Any]) -> list[str]:
     names = [n for n in report["models"] if report["models"][n]]
     rows = [[n, percent(em["accuracy"][n]), f"{em['correct'][n]}/{em['n_items']}"] for n in names]
     lines += ["Greedy answer, stripped, equal to the reference, stripped.", ""]
-    lines += _table(["model", "accuracy", "correct"], rows)
+    lines += table(["model", "accuracy", "correct"], rows)
     examples = [[cell(e["prompt"], 60), cell(e["reference"], 60)] + [cell(e[n], 60) for n in names]
                 for e in em["examples"]]
-    return lines + _table(["prompt", "reference"] + names, examples)
+    return lines + table(["prompt", "reference"] + names, examples)
 
 
 def _completions_section(report: dict[str, Any]) -> list[str]:
     rows = [[cell(c["prompt"], 40), cell(c["greedy"]), cell(c["sampled"])] for c in report["base_completions"]]
     return (["## Base model completions", "", "Plain-text continuations; the sample is seeded (temperature 0.8, "
-             "top-k 40).", ""] + _table(["prompt", "greedy", "sampled"], rows))
+             "top-k 40).", ""] + table(["prompt", "greedy", "sampled"], rows))
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -1,144 +1,200 @@
-"""The model card (README.md) that goes with an export, as in the seeds: architecture, training,
-evaluation, samples, intended use and limits.
+"""Model cards: the sections both cards share, and the README.md that goes with an export.
 
-`card_facts(model_dir, model, meta)` gathers what the run recorded (the stage manifests, the
-resolved recipe, eval/report.json, eval/lm_eval/results.json); `render_card(facts)` is a pure
-function of those facts, so tests can render a card without a run.
+Two cards describe a model: the README.md of a Hugging Face export (here) and a run's card.md
+(registry/card.py, which adds the run's status, cost and training curves). Both are built from
+the same sections, each a pure function of what the run recorded:
+
+    architecture_section(dims, parameters)   the shape, and why, where the dims decide it
+    training_section(...)                    data, per-stage results and settings
+    evaluation_section(report, lm_eval)      eval/report.json and eval/lm_eval/results.json
+    samples_section(report)                  greedy answers from the eval report
+    limitations(...)                         limits that follow from the run's numbers, then the general ones
+
+`card_facts(model_dir, model, meta)` gathers what the export's card shows; `render_card(facts)`
+is a pure function of those facts, so tests can render a card without a run.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
-from llm_maker.artifacts import read_manifest
-from llm_maker.eval.report import cell, number
+from llm_maker.artifacts import as_float, read_json, read_manifest
+from llm_maker.layout import TRAIN_STAGES, run_dir_of
+from llm_maker.markdown import MISSING, cell, number, percent, table
 from llm_maker.model.llama import LlamaModel
+from llm_maker.recipe import SFTConfig, TrainConfig
 
-LIMITS = (
-    "This is a small research model trained from scratch. It is not instruction-safe, not "
-    "fact-checked and not fit for decisions about people: it produces fluent-looking text that is "
-    "often wrong, repeats itself, and reflects whatever its training corpus contains. Intended uses: "
-    "learning how language models are built, experiments, baselines, and as a starting point for "
-    "further training. Its context window is the trained one (`max_position_embeddings`); longer "
-    "inputs are out of distribution."
+DEFAULT_TRAIN = {"pretrain": dataclasses.asdict(TrainConfig()), "sft": dataclasses.asdict(SFTConfig().train)}
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal pretraining
+INTENDED_USE = (
+    "A small research model trained from scratch. Intended uses: learning how language models are "
+    "built, experiments, baselines, and as a starting point for further training; not decisions "
+    "about people. Its context window is the trained one (`max_position_embeddings`); longer inputs "
+    "are out of distribution."
 )
 
 
-def run_dir_of(model_dir: Path) -> Optional[Path]:
-    """RUN_DIR for RUN_DIR/{pretrain,sft}/final (or a checkpoint under them), else None."""
-    for parent in [model_dir, *model_dir.parents][:4]:
-        if parent.name in ("pretrain", "sft"):
-            return parent.parent
-    return None
+# --------------------------------------------------------------------------------------
+# The shared sections
+# --------------------------------------------------------------------------------------
+
+def architecture_section(dims: dict[str, Any], parameters: Optional[int]) -> list[str]:
+    d, h, kv = dims["d_model"], dims["n_heads"], dims["n_kv_heads"]
+    tied = dims.get("tie_embeddings")
+    rows = [["architecture", "Llama-style decoder: pre-norm RMSNorm, RoPE, SwiGLU MLP, causal SDPA attention",
+             "loads as transformers' LlamaForCausalLM; model/llama.py says why each part"],
+            ["parameters", number(parameters), "computed from the dims and asserted against the built model"],
+            ["layers", dims["n_layers"], ""], ["d_model", d, ""],
+            ["attention heads (query / key-value)", f"{h} / {kv} (head dim {d // h})",
+             "grouped-query attention: a smaller KV cache" if kv < h else "multi-head attention"],
+            ["MLP hidden", f"{dims['d_mlp']} ({dims['d_mlp'] / d:.2g}× d_model)", "SwiGLU"],
+            ["vocabulary", number(dims["vocab_size"]), ""],
+            ["context", f"{dims['seq_len']} tokens", f"RoPE θ = {dims.get('rope_theta', 10000.0):g}"],
+            ["embeddings", "tied" if tied else "untied",
+             "the head reuses the input embedding: saves V·d parameters" if tied else ""],
+            ["RMSNorm eps", f"{dims.get('norm_eps', 1e-5):g}", ""]]
+    return ["## Architecture", "", *table(["component", "value", "why"], rows)]
 
 
-def _read_json(path: Path) -> Optional[dict[str, Any]]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def recipe_rows(train: dict[str, Any], seq_len: Optional[int]) -> list[list[Any]]:
+    """A training stage's settings (recipe.train or recipe.sft.train, defaults filled in)."""
+    mb, accum = train.get("micro_batch_size", MISSING), train.get("grad_accum_steps", 1)
+    per_step = mb * accum * seq_len if isinstance(mb, int) and seq_len else None
+    lr = as_float(train.get("lr"))
+    return [["steps", train.get("max_steps", MISSING)],
+            ["batch", f"{mb} × {accum} accumulation" + (f" × {seq_len} tokens = {per_step:,} tokens/step" if per_step else "")],
+            ["optimizer", f"{train.get('optimizer', 'adamw')} (β {train.get('beta1', 0.9)}/{train.get('beta2', 0.95)}, "
+                          f"weight decay {train.get('weight_decay', 0.1)})"],
+            ["learning rate", f"{lr:g} peak, {train.get('warmup_steps', MISSING)} warmup steps, cosine to "
+                              f"{train.get('min_lr_ratio', 0.1):g}× peak" if lr else MISSING],
+            ["gradient clipping", train.get("grad_clip", 1.0)], ["precision", train.get("precision", "auto")],
+            ["seed", train.get("seed", MISSING)]]
 
+
+def training_section(recipe: Optional[dict[str, Any]], results: Sequence[dict[str, Any]], stages: Sequence[str],
+                     seq_lens: dict[str, Optional[int]], imported_from: Optional[str] = None) -> list[str]:
+    """`results`: each finished stage's manifest summary plus its "stage"; `stages`: the stages whose
+    settings to show; `seq_lens`: tokens per sequence of each stage's batches."""
+    lines = ["## Training recipe", ""]
+    if imported_from:
+        lines += [f"Imported from the Hugging Face checkpoint `{imported_from}`.", ""]
+    recipe = recipe or {}
+    if recipe:
+        data, tok = recipe.get("data") or {}, recipe.get("tokenizer") or {}
+        sources = ", ".join(s.get("type", "?") + (f" `{s['path']}`" if s.get("path") else "")
+                            for s in data.get("sources") or [])
+        lines += [f"Data: {sources or MISSING} (selection key `{data.get('selection_key', MISSING)}`, "
+                  f"{data.get('val_fraction', MISSING)} held out). Tokenizer: {tok.get('type', 'bpe')}, "
+                  f"vocabulary {tok.get('vocab_size', MISSING)}.", ""]
+    if results:
+        lines += table(["stage", "steps", "tokens seen", "final train loss", "val loss", "precision", "device"],
+                       [[t["stage"], number(t.get("steps")), number(t.get("tokens_seen")), number(t.get("final_loss")),
+                         number(t.get("val_loss")), t.get("precision", MISSING), t.get("device", MISSING)]
+                        for t in results])
+    configs = {"pretrain": recipe.get("train"), "sft": (recipe.get("sft") or {}).get("train")}
+    for stage in stages:
+        if recipe:
+            train = {**DEFAULT_TRAIN[stage], **(configs[stage] or {})}  # a recipe.yaml may omit defaults
+            lines += [f"**{'Pretraining' if stage == 'pretrain' else 'SFT (completion-only loss)'}**", "",
+                      *table(["setting", "value"], recipe_rows(train, seq_lens.get(stage)))]
+    if not results and not (recipe and stages):
+        lines += ["No training record found beside this model.", ""]
+    return lines
+
+
+def evaluation_section(report: Optional[dict[str, Any]], lm_eval: Optional[dict[str, Any]]) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if not report and not lm_eval:
+        return lines + ["Not evaluated yet: run `llm-maker eval RECIPE` (and `llm-maker lm-eval RUN_DIR "
+                        "--suite ...` for benchmarks).", ""]
+    report = report or {}
+    v = report.get("validation") or {}
+    rows = [[name, number(v[name]["loss"]), number(v[name]["perplexity"], 1)] for name in ("base", "sft") if v.get(name)]
+    if v.get("unigram_loss") is not None:
+        rows.append(["unigram baseline", number(v["unigram_loss"]), number(v["unigram_perplexity"], 1)])
+    if rows:
+        lines += [f"Validation loss on {v.get('tokens_scored', 0):,} held-out pretraining tokens (nats/token):", "",
+                  *table(["model", "val loss", "perplexity"], rows)]
+    stops = (report.get("stop_table") or {}).get("stop_fraction") or {}
+    em = report.get("exact_match") or {}
+    accuracy = em.get("accuracy") or {}
+    score_rows = [[name, percent(stops.get(name)),
+                   f"{percent(accuracy[name], 1)} of {em.get('n_items')}" if accuracy.get(name) is not None else MISSING]
+                  for name in ("base", "sft") if name in stops or name in accuracy]
+    if score_rows:
+        lines += ["Chat behaviour (greedy): does it stop on the template's end token, and is the answer exactly "
+                  "the held-out reference?", "", *table(["model", "stops", "exact match"], score_rows)]
+    if lm_eval and lm_eval.get("table"):
+        lines += [f"lm-evaluation-harness ({lm_eval.get('lm_eval_version', '?')}), zero-shot:", "",
+                  lm_eval["table"].strip(), ""]
+    return lines
+
+
+def samples_section(report: Optional[dict[str, Any]]) -> list[str]:
+    lines = ["## Samples", ""]
+    completions = (report or {}).get("base_completions") or []
+    if completions:
+        lines += ["Base model, greedy continuation:", "",
+                  *table(["prompt", "continuation"], [[cell(c["prompt"], 50), cell(c.get("greedy", ""), 110)]
+                                                      for c in completions])]
+    rows = ((report or {}).get("stop_table") or {}).get("rows") or []
+    if rows and rows[0].get("sft"):
+        tag = lambda a: f"eos@{a['n_tokens']}" if a["stopped"] else "no stop"  # noqa: E731
+        lines += ["Base vs SFT, the same chat prompts (greedy):", "",
+                  *table(["prompt", "base", "SFT"], [[cell(r["prompt"], 50), f"{tag(r['base'])} {cell(r['base']['text'], 60)}",
+                                                      f"{tag(r['sft'])} {cell(r['sft']['text'], 60)}"] for r in rows])]
+    if len(lines) == 2:
+        lines += ["No samples yet (they come with `llm-maker eval RECIPE`).", ""]
+    return lines
+
+
+def limitations(parameters: Optional[int], tokens: Optional[int], report: Optional[dict[str, Any]],
+                seq_len: int) -> list[str]:
+    """Bullets: limits that follow from this model's own numbers, then the general ones."""
+    out = []
+    if parameters and tokens and tokens / parameters < CHINCHILLA_TOKENS_PER_PARAM:
+        out.append(f"Undertrained: {tokens / parameters:.1f} tokens per parameter, against the "
+                   f"~{CHINCHILLA_TOKENS_PER_PARAM} a compute-optimal run would use.")
+    out.append(f"Context of {seq_len} tokens: longer conversations lose their oldest turns "
+               "(`llm-maker serve --rope-scaling 2` stretches it, with some loss of quality).")
+    v = (report or {}).get("validation") or {}
+    if v.get("sft") and v.get("base") and v["sft"]["loss"] > v["base"]["loss"]:
+        out.append(f"SFT raised the loss on plain text ({v['base']['loss']:.2f} → {v['sft']['loss']:.2f}): the chat "
+                   "model is worse at continuing documents than the base model.")
+    em = ((report or {}).get("exact_match") or {}).get("accuracy") or {}
+    if em.get("sft") is not None and em["sft"] < 0.5:
+        out.append(f"Answers are mostly wrong ({em['sft']:.0%} exact match on held-out items): it learned the "
+                   "format of an answer and when to stop more than the facts.")
+    out.append("Not instruction-safe and not fact-checked: it produces fluent-looking text that is often wrong, "
+               "repeats itself and reflects its training corpus. For learning and experiments, not for decisions.")
+    return [f"- {line}" for line in out] + [""]
+
+
+# --------------------------------------------------------------------------------------
+# The export's README.md
+# --------------------------------------------------------------------------------------
 
 def card_facts(model_dir: Path, model: LlamaModel, meta: dict[str, Any]) -> dict[str, Any]:
     """Everything the card shows, read from the model dir and (when there is one) its run."""
     run = run_dir_of(Path(model_dir).resolve())
     facts: dict[str, Any] = {"name": meta.get("recipe") or Path(model_dir).name, "stage": meta.get("stage"),
                              "config": model.config.to_dict(), "parameters": model.num_parameters(),
-                             "chat_template": meta.get("chat_template"), "meta": meta, "training": [],
+                             "chat_template": meta.get("chat_template"), "training": [],
                              "recipe": None, "report": None, "lm_eval": None, "imported_from": meta.get("imported_from")}
     if run is None:
         return facts
     recipe_file = run / "recipe.yaml"
     facts["recipe"] = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else None
-    stages = ["pretrain", "sft"] if meta.get("stage") == "sft" else ["pretrain"]
-    for stage in stages:
+    for stage in TRAIN_STAGES[: 2 if meta.get("stage") == "sft" else 1]:
         m = read_manifest(run / stage)
         if m and m.get("summary"):
-            facts["training"].append({"stage": stage, **m["summary"]})
-    facts["report"] = _read_json(run / "eval" / "report.json")
-    facts["lm_eval"] = _read_json(run / "eval" / "lm_eval" / "results.json")
+            facts["training"].append({"stage": stage, **m["summary"], "batch_seq_len": m.get("batch_seq_len")})
+    facts["report"] = read_json(run / "eval" / "report.json")
+    facts["lm_eval"] = read_json(run / "eval" / "lm_eval" / "results.json")
     return facts
-
-
-# --------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
-
-
-def _architecture(f: dict[str, Any]) -> list[str]:
-    c = f["config"]
-    rows = [["architecture", "LlamaForCausalLM (pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention)"],
-            ["parameters", number(f["parameters"])], ["layers", c["n_layers"]], ["d_model", c["d_model"]],
-            ["attention heads (query / key-value)", f"{c['n_heads']} / {c['n_kv_heads']}"],
-            ["head dim", c["d_model"] // c["n_heads"]], ["MLP hidden (SwiGLU)", c["d_mlp"]],
-            ["vocabulary", number(c["vocab_size"])], ["context length", c["seq_len"]],
-            ["tied embeddings", "yes" if c["tie_embeddings"] else "no"], ["RoPE theta", c["rope_theta"]],
-            ["RMSNorm eps", c["norm_eps"]]]
-    return ["## Architecture", ""] + _table(["", ""], rows)
-
-
-def _training(f: dict[str, Any]) -> list[str]:
-    lines = ["## Training", ""]
-    if f.get("imported_from"):
-        lines += [f"Imported from the Hugging Face checkpoint `{f['imported_from']}`.", ""]
-    if not f["training"]:
-        return lines + ["No training record found beside this model.", ""]
-    rows = [[t["stage"], number(t.get("steps")), number(t.get("tokens_seen")), number(t.get("final_loss")),
-             number(t.get("val_loss")), t.get("precision", "—"), t.get("device", "—")] for t in f["training"]]
-    lines += _table(["stage", "steps", "tokens seen", "final train loss", "val loss", "precision", "device"], rows)
-    recipe = f.get("recipe") or {}
-    hp = []
-    for key, tc in (("pretrain", recipe.get("train")), ("sft", (recipe.get("sft") or {}).get("train"))):
-        if tc and any(t["stage"] == key for t in f["training"]):
-            hp.append([key, tc.get("lr"), tc.get("warmup_steps"), tc.get("micro_batch_size"),
-                       tc.get("grad_accum_steps"), tc.get("weight_decay"), tc.get("grad_clip")])
-    if hp:
-        lines += ["AdamW (β 0.9/0.95), linear warmup then cosine decay to 10% of the peak.", ""]
-        lines += _table(["stage", "peak lr", "warmup steps", "micro batch", "accumulation", "weight decay",
-                         "grad clip"], hp)
-    return lines
-
-
-def _evaluation(f: dict[str, Any]) -> list[str]:
-    lines = ["## Evaluation", ""]
-    report, lm = f.get("report"), f.get("lm_eval")
-    if not report and not lm:
-        return lines + ["Not evaluated yet: run `llm-maker eval RECIPE` and `llm-maker eval RUN_DIR --suite ...`.", ""]
-    if report:
-        v = report["validation"]
-        rows = [[name, number(v[name]["loss"]), number(v[name]["perplexity"], 2)]
-                for name in ("base", "sft") if v.get(name)]
-        rows.append(["unigram baseline", number(v["unigram_loss"]), number(v["unigram_perplexity"], 2)])
-        lines += [f"Next-token loss on {v['tokens_scored']:,} held-out tokens (nats/token).", ""]
-        lines += _table(["model", "val loss", "perplexity"], rows)
-        stop, em = report["stop_table"]["stop_fraction"], report["exact_match"]
-        rows = [[name, "—" if stop.get(name) is None else f"{100 * stop[name]:.0f}%",
-                 "—" if em["accuracy"].get(name) is None else f"{100 * em['accuracy'][name]:.0f}%"]
-                for name in ("base", "sft") if name in stop]
-        lines += _table(["model", "answers that stop", f"exact match ({em['n_items']} held-out items)"], rows)
-    if lm:
-        lines += [f"lm-evaluation-harness ({lm.get('lm_eval_version', '?')}), zero-shot:", "",
-                  lm.get("table", "").strip(), ""]
-    return lines
-
-
-def _samples(f: dict[str, Any]) -> list[str]:
-    report = f.get("report")
-    if not report:
-        return []
-    lines = ["## Samples", "", "Greedy, from the run's evaluation report.", ""]
-    rows = [[cell(c["prompt"], 40), cell(c["greedy"], 160)] for c in report.get("base_completions", [])]
-    if rows:
-        lines += _table(["prompt (base model)", "continuation"], rows)
-    if f.get("stage") == "sft":
-        rows = [[cell(r["prompt"], 60), cell((r.get("sft") or {}).get("text"), 160)]
-                for r in report["stop_table"]["rows"]]
-        lines += _table(["user (SFT model)", "assistant"], rows)
-    return lines
 
 
 def _usage(f: dict[str, Any]) -> list[str]:
@@ -162,14 +218,23 @@ def render_card(f: dict[str, Any]) -> str:
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "language": ["en"],
              "tags": ["llm-maker", "llama", "from-scratch"] + (["chat"] if f.get("chat_template") else [])}
     kind = "instruction-tuned (SFT)" if f.get("stage") == "sft" else "base (pretrained)"
+    config, training = f["config"], f.get("training") or []
+    seq_lens = {t["stage"]: t.get("batch_seq_len") or config["seq_len"] for t in training}
+    pretrain = next((t for t in training if t["stage"] == "pretrain"), {})
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {f['name']}", "",
              f"A {number(f['parameters'])}-parameter Llama-style decoder, {kind}, built with llm-maker. "
              "It loads as `LlamaForCausalLM` without `trust_remote_code`.", ""]
-    for section in (_usage, _architecture, _training, _evaluation, _samples):
-        lines += section(f)
-    lines += ["## Intended use and limits", "", LIMITS, ""]
+    lines += _usage(f)
+    lines += architecture_section(config, f["parameters"])
+    lines += training_section(f.get("recipe"), training, [t["stage"] for t in training], seq_lens,
+                              f.get("imported_from"))
+    lines += evaluation_section(f.get("report"), f.get("lm_eval"))
+    lines += samples_section(f.get("report"))
+    lines += ["## Intended use and limits", "", INTENDED_USE, "",
+              *limitations(f["parameters"], pretrain.get("tokens_seen"), f.get("report"), config["seq_len"])]
     return "\n".join(lines)
 
 
 def model_card(model_dir: Path, model: LlamaModel, meta: dict[str, Any]) -> str:
     return render_card(card_facts(Path(model_dir), model, meta))
+

@@ -25,10 +25,11 @@ import torch
 
 from llm_maker.artifacts import atomic_path
 from llm_maker.errors import LLMMakerError
-from llm_maker.export.hf import eos_token_of, hf_weight_name, stop_ids_of, tokenizer_config_for
+from llm_maker.export.hf import eos_token_of, hf_weight_name, stop_ids_of
 from llm_maker.model.llama import LlamaConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import load_model_dir, model_state_dict
+from llm_maker.sft.templates import hf_tokenizer_config
 
 GGUF_DTYPES = ("f16", "f32")
 
@@ -152,7 +153,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, force: bool = False, dty
     model, tokenizer, meta = load_model_dir(model_dir)
     cfg = model.config
     tensors = gguf_tensors(model_state_dict(model), cfg, dtype)
-    chat_template = tokenizer_config_for(model_dir, meta, cfg.seq_len).get("chat_template")
+    chat_template = hf_tokenizer_config(meta.get("chat_template"), cfg.seq_len).get("chat_template")
     name = meta.get("recipe") or model_dir.name
     with atomic_path(out) as tmp:
         write_gguf(tmp, tensors, cfg, tokenizer, meta, chat_template, f"{name}-{meta.get('stage', 'model')}", dtype, pre)

@@ -8,8 +8,8 @@
       tokenizer_config.json    special tokens and, for an SFT model, the chat template
       README.md                the model card (export/card.py)
 
-Weights need no permutation: our attention already rotates split halves (`rotate_half`), the
-layout of transformers' Llama, and module names follow LlamaForCausalLM's, so export is a
+Weights need no permutation: our attention already rotates split halves (`apply_rope` in
+model/llama.py), the layout of transformers' Llama, and module names follow LlamaForCausalLM's, so export is a
 rename (`model.` prefix) and the round-trip test checks logits to 1e-4.
 """
 from __future__ import annotations
@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 
 from llm_maker.artifacts import atomic_dir, atomic_write_json, atomic_write_text
 from llm_maker.errors import LLMMakerError
+from llm_maker.export.card import model_card
+from llm_maker.layout import WEIGHTS
 from llm_maker.model.llama import LlamaConfig
-from llm_maker.sft.stage import hf_tokenizer_config
-from llm_maker.sft.templates import end_token
-from llm_maker.tokenizer.tokenizer import EOS, PAD, Tokenizer
+from llm_maker.sft.templates import end_token, hf_tokenizer_config
+from llm_maker.tokenizer.tokenizer import EOS, Tokenizer
 from llm_maker.train.checkpoint import load_model_dir, model_state_dict
 
-WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -99,16 +99,6 @@ def generation_config_dict(stop_ids: list[int], pad_id: int) -> dict[str, Any]:
     return gen.to_dict()
 
 
-def tokenizer_config_for(model_dir: Path, meta: dict[str, Any], seq_len: int) -> dict[str, Any]:
-    """The SFT stage's tokenizer_config.json (chat template, its end token as eos) when the model
-    has a chat template; for a base model, <|endoftext|> as eos and no template."""
-    template = meta.get("chat_template")
-    if template:
-        return hf_tokenizer_config(template, seq_len)
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD, "bos_token": None,
-            "model_max_length": seq_len, "clean_up_tokenization_spaces": False}
-
-
 def eos_token_of(meta: dict[str, Any]) -> str:
     template = meta.get("chat_template")
     return end_token(template) if template else EOS
@@ -134,8 +124,6 @@ def export_hf(model_dir: str | Path, out: str | Path, force: bool = False, dtype
     eos_id = tokenizer.token_id(eos_token_of(meta))
     stop_ids = stop_ids_of(meta, tokenizer)
     if card is None:
-        from llm_maker.export.card import model_card
-
         card = model_card(model_dir, model, meta)
     with atomic_dir(out) as tmp:
         save_file(hf_state_dict(model_state_dict(model), DTYPES[dtype]), str(tmp / WEIGHTS),
@@ -143,7 +131,7 @@ def export_hf(model_dir: str | Path, out: str | Path, force: bool = False, dtype
         atomic_write_json(tmp / "config.json", hf_config_dict(cfg, eos_id, tokenizer.pad_id, dtype))
         atomic_write_json(tmp / "generation_config.json", generation_config_dict(stop_ids, tokenizer.pad_id))
         tokenizer.save(tmp)
-        atomic_write_json(tmp / "tokenizer_config.json", tokenizer_config_for(model_dir, meta, cfg.seq_len))
+        atomic_write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(meta.get("chat_template"), cfg.seq_len))
         atomic_write_text(tmp / "README.md", card)
     return out
 

@@ -1,6 +1,6 @@
-"""A Llama-style decoder in one file: config, RMSNorm, RoPE, GQA attention, SwiGLU, KV cache.
+"""A Llama-style decoder in one file: config, RMSNorm, RoPE, GQA attention, SwiGLU, parameter count.
 
-Design (and why), as in seed 004's table:
+Design (and why), as in the LLM Maker design doc's table:
   RoPE              relative positions; rotates split halves, the Hugging Face Llama layout,
                     so export needs no permutation of q/k weights.
   RMSNorm, pre-norm cheaper than LayerNorm (no mean-centring), stable.
@@ -9,8 +9,8 @@ Design (and why), as in seed 004's table:
   GQA               n_kv_heads < n_heads shares keys/values across query groups: a smaller KV cache.
   tied embeddings   the output head reuses the input embedding: saves V*d parameters.
 
-For generation, `KVCache` holds sequences that advance in step; `BatchKVCache` holds independent
-sequences, each at its own position, for a server that batches concurrent requests.
+The model computes logits and nothing else: the loss is the trainer's (train/loss.py), and the
+KV caches that generation feeds it live beside generation (serve/kv_cache.py), behind `Cache`.
 
 Module names follow transformers' LlamaForCausalLM, so a state dict maps 1:1 at export.
 Shapes in comments: B batch, T time, C d_model, nh query heads, nkv kv heads, hd head dim.
@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from llm_maker.train.loss import linear_cross_entropy
 
 
 @dataclass
@@ -103,115 +101,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 CacheView = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # keys, values, attention mask (None: SDPA's own)
 
 
-class KVCache:
-    """Preallocated keys/values for generation: (n_layers, B, nkv, max_len, hd) each. Every row
-    is at the same position (one prompt, or prompts of equal length)."""
+class Cache(Protocol):
+    """What the model asks of a KV cache during generation (serve/kv_cache.py holds two): where
+    the new tokens sit, somewhere to put their keys/values, and a step forward once all layers ran."""
 
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0  # tokens already cached
+    max_len: int  # every position stays below this
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CacheView:
-        """Store k, v (B, nkv, T, hd) at the current position; return all cached keys/values and
-        the attention mask, None where SDPA's own causal / full view is right."""
-        T = k.size(2)
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.pos + T
-        mask = None
-        if self.pos and T > 1:  # a chunk after a cached prefix: causal within the chunk, full view of the prefix
-            mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=self.pos)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-    def reset(self) -> None:
-        self.pos = 0
-
-
-class BatchKVCache:
-    """Keys/values for continuous batching: up to `max_rows` independent sequences, each at its
-    own position, (n_layers, max_rows, nkv, max_len, hd) each.
-
-    Rows 0..n-1 are in use (`add_row` takes row n; `remove_row(i)` moves the last row into i),
-    so a decode step over every row attends to a plain slice of the buffers, never a gather.
-    Before each forward, `select(rows)` names the rows it feeds: `slice(0, n)` for a decode step
-    (one token per row), one row for that row's prefill. A row sees only its own keys: the mask
-    hides positions past its length, where an earlier, longer sequence may have left keys."""
-
-    def __init__(self, cfg: LlamaConfig, max_rows: int, max_len: int, device, dtype=torch.float32):
-        shape = (cfg.n_layers, max_rows, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_rows, self.max_len = max_rows, max_len
-        self.lengths: list[int] = []  # tokens cached per row in use (a host list: no device sync to read)
-        self._rows = slice(0, 0)
-        self._positions: Optional[torch.Tensor] = None  # (B, T) of the forward in progress
-        self._mask: Optional[torch.Tensor] = None  # (B, 1, T, end)
-        self.end = 0  # one past the last position of the forward in progress
-
-    @property
-    def n(self) -> int:
-        return len(self.lengths)
-
-    def add_row(self) -> int:
-        if self.n == self.max_rows:
-            raise ValueError(f"batch KV cache full: all {self.max_rows} rows are in use")
-        self.lengths.append(0)
-        return self.n - 1
-
-    def remove_row(self, i: int) -> None:
-        """Free row i; the last row moves into it (callers reorder their own rows the same way)."""
-        last = self.n - 1
-        if i != last:
-            length = self.lengths[last]
-            self.k[:, i, :, :length] = self.k[:, last, :, :length]
-            self.v[:, i, :, :length] = self.v[:, last, :, :length]
-            self.lengths[i] = length
-        self.lengths.pop()
-
-    def select(self, rows: slice) -> None:
-        if not 0 <= rows.start < rows.stop <= self.n:
-            raise ValueError(f"rows {rows.start}:{rows.stop} are not all in use (0:{self.n})")
-        self._rows = rows
-
-    def begin(self, T: int, device) -> torch.Tensor:
-        """Positions (B, T) of the T tokens about to be fed to each selected row; also builds the
-        mask every layer will use for them."""
-        lengths = self.lengths[self._rows]
-        self.end = max(lengths) + T
-        if self.end > self.max_len:
-            raise ValueError(f"batch KV cache full: {max(lengths)} + {T} tokens > max_len {self.max_len}")
-        start = torch.tensor(lengths, dtype=torch.long, device=device)
-        self._positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
-        keys = torch.arange(self.end, device=device)
-        self._mask = (keys[None, None, :] <= self._positions[:, :, None]).unsqueeze(1)  # (B, 1, T, end)
-        return self._positions
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids (B or 1, T) of the T tokens about to be fed."""
+        ...
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CacheView:
-        """Store k, v (B, nkv, T, hd) at each selected row's own position; return those rows' cached
-        keys/values up to the longest of them, and the mask."""
-        rows, T = self._rows, k.size(2)
-        ck, cv = self.k[layer, rows], self.v[layer, rows]  # views: (B, nkv, max_len, hd)
-        if T == 1:  # a decode step: one position per row, written in one indexed copy
-            b = torch.arange(k.size(0), device=k.device)
-            ck[b, :, self._positions[:, 0]] = k[:, :, 0]
-            cv[b, :, self._positions[:, 0]] = v[:, :, 0]
-        else:
-            for b, start in enumerate(self.lengths[rows]):
-                ck[b, :, start:start + T] = k[b]
-                cv[b, :, start:start + T] = v[b]
-        return ck[:, :, :self.end], cv[:, :, :self.end], self._mask
+        """Store this layer's k, v (B, nkv, T, hd); return the keys/values to attend to and the mask."""
+        ...
 
-    def advance(self, n: int) -> None:
-        for i in range(self._rows.start, self._rows.stop):
-            self.lengths[i] += n
+    def advance(self, T: int) -> None:
+        """The T tokens are cached in every layer."""
+        ...
 
 
 class Attention(nn.Module):
@@ -224,7 +130,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache | BatchKVCache] = None):
+    def forward(self, x, cos, sin, cache: Optional[Cache] = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -260,7 +166,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache | BatchKVCache] = None):
+    def forward(self, x, cos, sin, cache: Optional[Cache] = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -276,11 +182,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.activation_checkpointing = False
-        self.loss_chunk_size = 0  # > 0: the training loss goes through the head this many tokens at a time
-        cos, sin = rope_cos_sin(torch.arange(cfg.seq_len), cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (T_max, hd)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.set_rope(cfg.rope_theta, cfg.seq_len)
         self.apply(self._init_weights)
         # GPT-2's scaled init for the projections that write into the residual stream.
         for name, p in self.named_parameters():
@@ -295,49 +197,48 @@ class LlamaModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
-    def _rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if start + T <= self.rope_cos.size(0):
-            return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        positions = torch.arange(start, start + T, device=device)  # beyond the trained context
-        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    def set_rope(self, theta: float, max_len: int) -> None:
+        """Rotary tables for positions 0..max_len-1 at base `theta`. Built at the trained values;
+        serving on a stretched context (serve/rope_scaling.py) sets others, and `config` keeps the
+        trained ones."""
+        positions = torch.arange(max_len, device=self.embed_tokens.weight.device)  # where the weights are
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, hd)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_theta = theta
 
-    def _rope_rows(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (B, 1, T, hd) for per-row positions (B, T), all below `end`; broadcast over heads."""
-        if end <= self.rope_cos.size(0):
+    @property
+    def context_len(self) -> int:
+        """The longest sequence to generate: the trained `seq_len`, or the stretched one after `set_rope`."""
+        return self.rope_cos.size(0)
+
+    def _rope(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B or 1, 1, T, hd) for position ids (B or 1, T), all below `end`; broadcast over heads."""
+        if end <= self.context_len:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        else:  # beyond the trained context
-            cos, sin = rope_cos_sin(positions.reshape(-1), self.config.head_dim, self.config.rope_theta)
+        else:  # beyond the tables
+            cos, sin = rope_cos_sin(positions.reshape(-1), self.config.head_dim, self.rope_theta)
             cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache | BatchKVCache] = None) -> torch.Tensor:
-        """idx: (B, T) token ids. Returns logits (B, T, V), or the mean loss if `targets`
-        (B, T, with -100 for ignored positions) is given. With a `BatchKVCache`, each row
-        continues its own sequence at its own position (see that class)."""
-        B, T = idx.shape
-        if isinstance(cache, BatchKVCache):
-            cos, sin = self._rope_rows(cache.begin(T, idx.device), cache.end)
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the final-normed hidden states (B, T, C), before the head.
+        With a `cache`, the tokens continue the cached sequences at the cache's positions."""
+        T = idx.size(1)
+        if cache is None:
+            cos, sin = self._rope(torch.arange(T, device=idx.device)[None], T)
         else:
-            cos, sin = self._rope(cache.pos if cache is not None else 0, T, idx.device)
-        cos, sin = cos.to(idx.device), sin.to(idx.device)
+            cos, sin = self._rope(cache.positions(T), cache.max_len)
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
-        if targets is not None and self.loss_chunk_size:  # never the full (B*T, V) logits: see train/loss.py
-            return linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                        self.loss_chunk_size)
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits
-        # The loss in fp32 whatever the autocast dtype.
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns logits (B, T, V); the loss is the trainer's (train/loss.py)."""
+        return self.lm_head(self.hidden_states(idx, cache))
 
     def weight_decay_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices (linear weights, embeddings); not norms' gains."""

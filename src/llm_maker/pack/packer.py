@@ -27,7 +27,8 @@ import numpy as np
 
 from llm_maker.artifacts import (is_up_to_date, read_manifest, require_manifest, sha256_file, stage_fingerprint,
                                  write_manifest)
-from llm_maker.data.stage import SPLITS, iter_split
+from llm_maker.data.stage import iter_split
+from llm_maker.layout import SPLITS
 from llm_maker.errors import DataError
 from llm_maker.pack.shards import (LENGTH_EDGES, PROGRESS, ShardedTokens, SplitWriter, open_shard, read_progress,
                                    write_progress)
@@ -242,50 +243,3 @@ def _write_data_report(data_dir: Path, work: Path, pack_fields: dict[str, Any]) 
     from llm_maker.data.report import write_data_report
 
     write_data_report(read_manifest(data_dir) or {}, pack_fields, work)
-
-
-def load_split(pack_dir: Path, split: str) -> np.memmap | ShardedTokens:
-    """The tokens of one split: (n_tokens,) of the manifest's dtype, read-only. A split of one
-    shard is a plain memmap; several shards are a ShardedTokens that indexes like one array."""
-    pack_dir = Path(pack_dir)
-    manifest = require_manifest(pack_dir, "pack")
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    entries = manifest.get("shards", {}).get(split)
-    if entries is None:  # a manifest without shard lists: one {split}.bin
-        entries = [{"file": f"{split}.bin", "tokens": manifest.get(f"{split}_tokens")}]
-    maps = [open_shard(pack_dir / e["file"], dtype, e["tokens"]) for e in entries]
-    if not maps:
-        raise DataError(f"{pack_dir}: the {split} split has no shards; rerun the `data` and `pack` stages")
-    expected = manifest.get(f"{split}_tokens")
-    total = sum(len(m) for m in maps)
-    if expected is not None and total != expected:
-        raise DataError(f"{pack_dir}: the {split} shards hold {total} tokens but the manifest says {expected}; "
-                        "rerun the `pack` stage")
-    return maps[0] if len(maps) == 1 else ShardedTokens(maps)
-
-
-def unigram_loss(pack_dir: Path, chunk_tokens: int = 1 << 24) -> float:
-    """Cross-entropy (nats/token) of val under the add-one-smoothed unigram distribution of train.
-
-    The loss of a model that ignores context: a trained LM's val loss should be well below it."""
-    vocab_size = require_manifest(pack_dir, "pack")["vocab_size"]
-    train, val = load_split(pack_dir, "train"), load_split(pack_dir, "val")
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for start in range(0, len(train), chunk_tokens):
-        chunk = np.asarray(train[start:start + chunk_tokens])
-        _check_ids(chunk, vocab_size, pack_dir)
-        counts += np.bincount(chunk, minlength=vocab_size)
-    log_probs = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)  # (vocab_size,)
-    total = 0.0
-    for start in range(0, len(val), chunk_tokens):
-        chunk = np.asarray(val[start:start + chunk_tokens])
-        _check_ids(chunk, vocab_size, pack_dir)
-        total -= float(log_probs[chunk].sum())
-    return total / len(val)
-
-
-def _check_ids(tokens: np.ndarray, vocab_size: int, pack_dir: Path) -> None:
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{pack_dir}: token id {int(tokens.max())} >= the manifest's vocab_size {vocab_size}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from llm_maker.artifacts import atomic_path
-from llm_maker.registry.registry import as_float, read_metrics
+from llm_maker.artifacts import as_float, atomic_path, read_metrics
+from llm_maker.layout import TRAIN_STAGES
 
 STAGE_TITLES = {"pretrain": "pretraining", "sft": "SFT"}
 
@@ -82,7 +82,7 @@ def write_plots(run_dir: str | Path, out_dir: str | Path, grad_clip: Optional[fl
     """Draw the run's curves into out_dir; returns {name: path} of the plots made.
     `eval_every`: {stage: steps between validations} from the recipe."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    stages = {s: rows for s in ("pretrain", "sft") if (rows := read_metrics(run_dir / s))}
+    stages = {s: rows for s in TRAIN_STAGES if (rows := read_metrics(run_dir / s))}
     made = {
         "loss": plot_metric(stages, [("loss", "train loss"), ("val_loss", "val loss")], "loss (nats/token)",
                             out_dir / "loss.png", eval_every=eval_every),

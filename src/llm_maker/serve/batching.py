@@ -4,9 +4,10 @@
     worker.submit(job)                               # QueueFull when max_waiting jobs wait already
 
 Concurrent requests decode together (`Batch`): every step feeds the newest token of each
-running job to the model as one (B, 1) batch over a `BatchKVCache`, in which each row has its
-own length and position. A new job joins between steps (its prompt is prefilled alone into a
-free row) and leaves as soon as it ends, so a short answer never waits for a long one.
+running job to the model as one (B, 1) batch over a `BatchKVCache` (serve/kv_cache.py), in
+which each row has its own length and position. A new job joins between steps (its prompt is
+prefilled alone into a free row) and leaves as soon as it ends, so a short answer never waits
+for a long one.
 
 At most `max_batch` jobs run; at most `max_waiting` wait behind them, and a full queue is
 refused at once rather than queued without bound. Jobs are checked between steps, so
@@ -24,9 +25,9 @@ from typing import Optional
 import torch
 
 from llm_maker.errors import LLMMakerError
-from llm_maker.model.llama import BatchKVCache
 from llm_maker.serve.engine import ChatEngine, Job, StopText
 from llm_maker.serve.generate import TextDecoder, fit_context, next_token, sampling_generator
+from llm_maker.serve.kv_cache import BatchKVCache
 
 log = logging.getLogger("llm_maker.serve")
 
@@ -47,7 +48,7 @@ class _Row:
                              repetition_penalty=p.repetition_penalty)
         self.generator = sampling_generator(device, p.seed)
         self.plain_greedy = p.temperature == 0.0 and p.repetition_penalty == 1.0  # the argmax, nothing else
-        self.decoder = TextDecoder(engine.tokenizer, skip_ids=engine.hidden_ids)
+        self.decoder = TextDecoder(engine.tokenizer, skip_ids=engine.special_ids)
         self.stopper = StopText(p.stop)
         self.stopped = False  # ended on a stop id
 

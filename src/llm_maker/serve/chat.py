@@ -1,9 +1,9 @@
 """A streaming terminal chat over a model directory, with a rolling context window.
 
 Before each reply the oldest user/assistant turns are dropped (a system message is kept)
-until the prompt plus the reply budget fits the model's context (seed 003's client-side
-rolling window), so a long session never overflows the KV cache. Commands: `clear` starts
-over, `exit` / `quit` (or end of input) leave.
+until the prompt plus the reply budget fits the model's context (the client-side rolling
+window of slm-124M-llama32k-fwedu-sft), so a long session never overflows the KV cache.
+Commands: `clear` starts over, `exit` / `quit` (or end of input) leave.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from llm_maker.devices import resolve_device
 from llm_maker.errors import LLMMakerError
+from llm_maker.serve.engine import chat_template, special_ids
 from llm_maker.serve.generate import check_settings, decode_stream, generate
 from llm_maker.sft.templates import prompt_ids, stop_token_ids
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -41,10 +43,6 @@ def fit_history(tokenizer: Tokenizer, messages: list[dict], template: str,
     return head + turns, dropped
 
 
-def _special_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    return (tokenizer.eos_id, tokenizer.pad_id, tokenizer.im_start_id, tokenizer.im_end_id)
-
-
 def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tokens: int = 128,
               temperature: float = 0.7, top_k: Optional[int] = 40, top_p: Optional[float] = None,
               repetition_penalty: float = 1.1, system: Optional[str] = None, seed: Optional[int] = None,
@@ -53,19 +51,17 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
     """Chat with the model in `model_dir` until exit; returns the final history.
 
     `template` defaults to the one the model was fine-tuned with (config.json's
-    chat_template), else chatml. Sampling defaults are seed 004's chat app (top-k 40)."""
-    from llm_maker.train.trainer import resolve_device
-
+    chat_template), else chatml. Sampling defaults are the LLM Maker design doc's chat app (top-k 40)."""
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)  # before loading anything
     dev = resolve_device(device or "auto")
     model, tokenizer, meta = load_model_dir(model_dir, dev)
-    template = template or meta.get("chat_template") or "chatml"
+    template = chat_template(meta, template)
     seq_len = model.config.seq_len
     if max_new_tokens >= seq_len:
         raise LLMMakerError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                             f"{model_dir}'s {seq_len}-token context; use fewer than {seq_len}")
     stop_ids = stop_token_ids(tokenizer, template)
-    hidden_ids = _special_ids(tokenizer)
+    specials = special_ids(tokenizer)  # never shown
 
     def say(text: str) -> None:
         output.write(text)
@@ -109,14 +105,14 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
             say(f"(your message is too long: only its last {len(gen.prompt_ids)} tokens are used)\n")
         say(ASSISTANT_PROMPT)
         try:
-            for piece in decode_stream(tokenizer, gen, skip_ids=hidden_ids):
+            for piece in decode_stream(tokenizer, gen, skip_ids=specials):
                 say(piece)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             say(" [interrupted]")
         say("\n")
         if not gen.stopped and len(gen.new_ids) >= gen.max_new_tokens:
             say(f"(reply cut at {gen.max_new_tokens} tokens)\n")
-        reply = tokenizer.decode([t for t in gen.new_ids if t not in hidden_ids])
+        reply = tokenizer.decode([t for t in gen.new_ids if t not in specials])
         for special in SPECIAL_TOKENS:  # plain tokens can spell one; the template would reject it
             reply = reply.replace(special, "")
         history = messages + [{"role": "assistant", "content": reply}]

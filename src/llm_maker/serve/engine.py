@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Optional
 
+from llm_maker.devices import resolve_device
 from llm_maker.serve.rope_scaling import DynamicRope
 from llm_maker.sft.templates import stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -107,28 +108,37 @@ class ChatEngine:
     def load(cls, model_dir: str | Path, name: Optional[str] = None, template: Optional[str] = None,
              rope_scaling: Optional[float] = None, device: str = "auto") -> "ChatEngine":
         from llm_maker.train.checkpoint import load_model_dir
-        from llm_maker.train.trainer import resolve_device
 
         model_dir = Path(model_dir)
         model, tokenizer, meta = load_model_dir(model_dir, resolve_device(device))
         model.eval()
         rope = DynamicRope(model, rope_scaling) if rope_scaling and rope_scaling != 1.0 else None
-        return cls(model=model, tokenizer=tokenizer, template=template or meta.get("chat_template") or "chatml",
+        return cls(model=model, tokenizer=tokenizer, template=chat_template(meta, template),
                    name=name or default_model_name(model_dir, meta), model_dir=model_dir,
                    stage=meta.get("stage", "unknown"), rope=rope)
 
     @property
     def context_len(self) -> int:
-        return self.model.config.seq_len  # stretched when rope scaling is on
+        return self.model.context_len  # stretched when rope scaling is on
 
     @property
-    def hidden_ids(self) -> frozenset[int]:
-        t = self.tokenizer
-        return frozenset((t.eos_id, t.pad_id, t.im_start_id, t.im_end_id))
+    def special_ids(self) -> frozenset[int]:
+        return special_ids(self.tokenizer)
 
     @property
     def stop_ids(self) -> frozenset[int]:
         return frozenset(stop_token_ids(self.tokenizer, self.template))
+
+
+def chat_template(meta: dict[str, Any], override: Optional[str] = None) -> str:
+    """The template prompts are rendered with: `override`, else the one the model was fine-tuned
+    with (config.json's chat_template), else chatml."""
+    return override or meta.get("chat_template") or "chatml"
+
+
+def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The special tokens' ids: never shown as reply text."""
+    return frozenset((tokenizer.eos_id, tokenizer.pad_id, tokenizer.im_start_id, tokenizer.im_end_id))
 
 
 def default_model_name(model_dir: Path, meta: dict[str, Any]) -> str:

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from llm_maker.errors import LLMMakerError
-from llm_maker.model.llama import KVCache, LlamaModel
+from llm_maker.model.llama import LlamaModel
+from llm_maker.serve.kv_cache import KVCache
 from llm_maker.tokenizer.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
@@ -127,7 +128,7 @@ class Generation:
         if len(prompt_ids) == 0:
             raise LLMMakerError("cannot generate from an empty prompt: give at least one token")
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-        keep, self.max_new_tokens = fit_context(len(prompt_ids), max_new_tokens, model.config.seq_len)
+        keep, self.max_new_tokens = fit_context(len(prompt_ids), max_new_tokens, model.context_len)
         self.prompt_ids = list(prompt_ids[len(prompt_ids) - keep:])
         self.n_prompt_dropped = len(prompt_ids) - keep
         self.new_ids: list[int] = []
@@ -244,7 +245,7 @@ def complete_ids(model: LlamaModel, tokenizer: Tokenizer, prompt_ids: list[int],
     """Generate to the end and return {text, ids, stopped, n_tokens, n_prompt_dropped}.
 
     `ids`/`text` are the answer without the stop token; `n_tokens` is its length, so
-    `stopped and n_tokens == 13` reads as seed 004's "eos@13"."""
+    `stopped and n_tokens == 13` reads as "eos@13" in the LLM Maker design doc's sample tables."""
     gen = generate(model, prompt_ids, **kw)
     for _ in gen:
         pass

@@ -1,7 +1,8 @@
 """Dynamic NTK RoPE scaling: serve a model on a longer context than it was trained on.
 
-Seed 003 stretches a 1,024-token model to 2,048 with transformers' `rope_type: dynamic`,
-factor 2. Beyond the trained length L, the rotary base grows with the sequence length S:
+slm-124M-llama32k-fwedu-sft stretches a 1,024-token model to 2,048 with transformers'
+`rope_type: dynamic`, factor 2. Beyond the trained length L, the rotary base grows with the
+sequence length S:
 
     theta' = theta * (factor * S / L - (factor - 1)) ** (hd / (hd - 2))
 
@@ -10,17 +11,14 @@ barely move; up to L the model is exactly the trained one. transformers recomput
 at every step past L, so keys already in its KV cache keep the base they were rotated with;
 here one base is chosen per generation from its planned length (prompt + max new tokens),
 so every cached key and every query share it (and the server batches together only jobs that
-need the same base). A full forward over S tokens matches
-transformers' dynamic RoPE exactly (tests/test_rope_scaling.py).
+need the same base). A full forward over S tokens matches transformers' dynamic RoPE exactly
+(tests/test_rope_scaling.py). The tables are the model's own (`LlamaModel.set_rope`); this
+module only chooses the base.
 """
 from __future__ import annotations
 
-import dataclasses
-
-import torch
-
 from llm_maker.errors import LLMMakerError
-from llm_maker.model.llama import LlamaModel, rope_cos_sin
+from llm_maker.model.llama import LlamaModel
 
 MAX_FACTOR = 8.0  # NTK-aware scaling degrades well before this; a typo like 20 is refused
 
@@ -34,8 +32,8 @@ def dynamic_ntk_theta(theta: float, head_dim: int, seq_len: int, trained_len: in
 
 class DynamicRope:
     """Stretch a loaded model's context `factor` times; call `prepare(total_len)` before each
-    generation. The model's config then reports the stretched context (`config.seq_len`), so
-    generation and the server budget against it; `trained_len` keeps the original."""
+    generation. The model's rotary tables then cover the stretched context (`model.context_len`),
+    so generation and the server budget against it; `model.config` keeps the trained values."""
 
     def __init__(self, model: LlamaModel, factor: float):
         if not 1.0 <= factor <= MAX_FACTOR:
@@ -45,7 +43,6 @@ class DynamicRope:
         self.trained_len = model.config.seq_len
         self.base_theta = model.config.rope_theta
         self.context_len = int(self.trained_len * factor)
-        model.config = dataclasses.replace(model.config, seq_len=self.context_len)
         self.theta = None
         self.prepare(self.trained_len)
 
@@ -60,8 +57,6 @@ class DynamicRope:
         """Set the rotary tables for a generation of `total_len` tokens; returns the base used."""
         theta = self.theta_for(total_len)
         if theta != self.theta:
-            device = self.model.rope_cos.device
-            cos, sin = rope_cos_sin(torch.arange(self.context_len, device=device), self.model.config.head_dim, theta)
-            self.model.rope_cos, self.model.rope_sin = cos, sin  # (context_len, hd): buffers, replaced whole
+            self.model.set_rope(theta, self.context_len)
             self.theta = theta
         return theta

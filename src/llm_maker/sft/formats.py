@@ -5,7 +5,7 @@
   sharegpt   conversations: [{from: system|human|gpt, value}, ...] ShareGPT, SlimOrca
   alpaca     instruction, input, output                            Alpaca, Alpaca-GPT4
   dolly      instruction, context, response                        databricks-dolly-15k
-  squad      context, question, answers: {text: [...]}             SQuAD (extractive QA, as seed 004 used)
+  squad      context, question, answers: {text: [...]}             SQuAD (extractive QA, as the LLM Maker design doc's models B/C used)
 `auto` reads the format off the first row's fields.
 
 A source is `builtin`, a local .jsonl / .json (one array) / .parquet file, or `hf:owner/name` or
@@ -23,18 +23,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from llm_maker.artifacts import iter_jsonl_rows, sha256_file
+from llm_maker.data.builtin import builtin_signature
+from llm_maker.data.sources import PARQUET_BATCH_ROWS
 from llm_maker.data.select import hash_key, unit_hash
 from llm_maker.errors import DataError, LLMMakerError
+from llm_maker.recipe import SFTDataConfig, SFTFormat, SFTSourceConfig
+from llm_maker.sft.builtin import builtin_conversations
+from llm_maker.sft.templates import validate_messages
+from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "dolly", "squad")
+FORMATS: tuple[str, ...] = typing.get_args(SFTFormat)  # the recipe's choice: "auto", then one per converter
 MIX_PERSON = b"llm-maker:mix"  # BLAKE2b personalisation of the fractional-weight coin
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
-PARQUET_BATCH_ROWS = 1024
+
 
 
 class Unusable(Exception):
@@ -137,9 +145,6 @@ def detect_format(row: dict) -> str:
 
 def to_conversation(row: Any, fmt: str) -> list[dict[str, str]]:
     """Messages of one row (ValueError: malformed; Unusable: nothing to learn)."""
-    from llm_maker.sft.templates import validate_messages
-    from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS
-
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
     messages = CONVERTERS[fmt](row)
@@ -178,14 +183,7 @@ def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: expected a JSON array of rows, got {type(rows).__name__}")
         yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
     else:
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None
+        yield from iter_jsonl_rows(path, "SFT data file")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -226,8 +224,6 @@ def load_source(source: str, fmt: str = "auto", split: str = "train", seed: int 
                 max_conversations: Optional[int] = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Conversations ({"messages", "source"}) of one source, and counts: rows, kept, dropped by reason."""
     if source == "builtin":
-        from llm_maker.sft.builtin import builtin_conversations
-
         convs = [{**c, "source": "builtin"} for c in builtin_conversations(seed=seed)][:max_conversations]
         return convs, {"rows": len(convs), "kept": len(convs), "dropped": {}, "format": "messages"}
     convs, dropped, rows = [], Counter(), 0
@@ -264,10 +260,8 @@ def copies(messages: list[dict[str, str]], weight: float, key: bytes) -> int:
     return whole + (1 if unit_hash(text, key, MIX_PERSON) < weight - whole else 0)
 
 
-def load_sft_data(cfg: Any, seed: int, selection_key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def load_sft_data(cfg: SFTDataConfig, seed: int, selection_key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The conversations of sft.data (its `source`, or its weighted `mixture`) and what happened to them."""
-    from llm_maker.recipe import SFTSourceConfig
-
     entries = cfg.mixture or [SFTSourceConfig(source=cfg.source, format=cfg.format)]
     key = hash_key(selection_key)
     seen: set[bytes] = set()
@@ -297,12 +291,9 @@ def load_sft_data(cfg: Any, seed: int, selection_key: str) -> tuple[list[dict[st
     return out, {"sources": stats, "conversations": len(out), "strip_system": cfg.strip_system, "dedup": cfg.dedup}
 
 
-def data_signature(cfg: Any, seed: int) -> list[dict[str, Any]]:
+def data_signature(cfg: SFTDataConfig, seed: int) -> list[dict[str, Any]]:
     """What decides the SFT data besides its config: the bytes of each file, the seed of the
     built-in set, the name of a hub dataset (pin a revision by fetching it as a file)."""
-    from llm_maker.artifacts import sha256_file
-    from llm_maker.data.builtin import builtin_signature
-
     sig = []
     for source in [m.source for m in cfg.mixture] or [cfg.source]:
         if source == "builtin":

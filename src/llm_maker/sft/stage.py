@@ -6,74 +6,67 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from llm_maker.artifacts import (atomic_write_json, atomic_write_text, is_up_to_date, require_manifest,
-                                 stage_fingerprint, write_manifest)
-from llm_maker.errors import CheckpointError, DataError
+from llm_maker.artifacts import atomic_write_json, atomic_write_text, require_manifest, stage_fingerprint, write_manifest
+from llm_maker.devices import resolve_device
+from llm_maker.errors import DataError
 from llm_maker.layout import RunPaths
 from llm_maker.recipe import Recipe
+from llm_maker.sft.formats import data_signature, load_sft_data
 from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
-from llm_maker.sft.templates import end_token, jinja_chat_template, stop_token_ids
-from llm_maker.tokenizer.tokenizer import PAD, Tokenizer
-from llm_maker.train.checkpoint import check_resumable, load_model_dir
+from llm_maker.sft.templates import hf_tokenizer_config, stop_token_ids
+from llm_maker.tokenizer.tokenizer import Tokenizer
+from llm_maker.train import trainer
+from llm_maker.train.checkpoint import load_model_dir, prepare_stage_dir
+from llm_maker.train.distributed import init_distributed
+from llm_maker.train.evaluation import token_accuracy
+from llm_maker.train.stage import multiple_choice_evaluations
+from llm_maker.train.trainer import Evaluation
 
 
 def sft_conversations(recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The recipe's conversations (built-in set, a file in any format of sft/formats.py, a hub
     dataset or a weighted mixture), capped at max_conversations, and the mixture's counts."""
-    from llm_maker.sft.formats import load_sft_data
-
     return load_sft_data(recipe.sft.data, seed=recipe.seed, selection_key=recipe.data.selection_key)
 
 
 def sft_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
     """SFT config + upstream fingerprints + what else decides the data: the split key, the
     recipe seed (built-in set), the bytes of each file source, the name of each hub dataset."""
-    from llm_maker.sft.formats import data_signature
-
     data_sig = data_signature(recipe.sft.data, recipe.seed)
-    return stage_fingerprint(recipe.sft, paths.pretrain, paths.tokenizer,
+    config = {**dataclasses.asdict(recipe.sft), "train": recipe.sft.train.fingerprint_fields()}
+    return stage_fingerprint(config, paths.pretrain, paths.tokenizer,
                              extra={"data": data_sig, "selection_key": recipe.data.selection_key})
+
+
+def token_accuracy_evaluation(batches: SFTBatches, max_batches: int) -> Evaluation:
+    """SFT's held-out token accuracy (`val_token_acc` in metrics.csv) at every eval step."""
+    def evaluate(module, device, amp_dtype) -> dict[str, Any]:
+        acc = token_accuracy(module, itertools.islice(batches.val_batches(), max_batches), device, amp_dtype)
+        return {"val_token_acc": None if acc is None else f"{acc:.4f}"}
+
+    return evaluate
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def hf_tokenizer_config(template: str, model_max_length: int) -> dict[str, Any]:
-    """tokenizer_config.json for transformers: the chat template and its end/pad tokens."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": jinja_chat_template(template),
-        "eos_token": end_token(template),
-        "pad_token": PAD,
-        "bos_token": None,
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-    }
-
-
 def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
     """Fine-tune pretrain/final on chat data with completion-only loss; returns sft/ (with final/ when done)."""
-    from llm_maker.train.trainer import run_training  # looked up at call time: tests substitute it
-
     out = paths.sft
     tok_manifest = require_manifest(paths.tokenizer, "tokenizer")
     require_manifest(paths.pretrain, "pretrain")
     fp = sft_fingerprint(recipe, paths)
-    if force:
-        shutil.rmtree(out, ignore_errors=True)
-    elif is_up_to_date(out, fp) and (out / "final").is_dir():
+    ctx = init_distributed(resolve_device(recipe.sft.train.device))
+    if prepare_stage_dir(out, fp, force, resume, ctx, "SFT", "SFT config, data or base model",
+                         "run `llm-maker sft RECIPE --force` to start SFT over"):
         return out
-    elif (out / "manifest.json").is_file() and not resume:
-        raise CheckpointError(f"{out} holds a finished SFT run with another config; pass --force to retrain")
-    if resume:
-        check_resumable(out, fp, "SFT config, data or base model",
-                        "run `llm-maker sft RECIPE --force` to start SFT over")
     (out / "manifest.json").unlink(missing_ok=True)  # from here on, sft/ is not a finished stage
 
     tokenizer = Tokenizer.load(paths.tokenizer)
@@ -101,7 +94,11 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
 
     meta = {"stage": "sft", "recipe": recipe.name, "fingerprint": fp, "chat_template": template,
             "stop_token_ids": stop_token_ids(tokenizer, template), "base_model": str(paths.pretrain / "final")}
-    summary = run_training(model, batches, tc, out_dir=out, tokenizer=tokenizer, meta=meta, resume=resume)
+    evaluations = [token_accuracy_evaluation(batches, tc.eval_batches),
+                   *multiple_choice_evaluations(tc, tokenizer)]
+    # trainer.run_training, looked up at call time: tests substitute it
+    summary = trainer.run_training(model, batches, tc, out_dir=out, tokenizer=tokenizer, meta=meta, resume=resume,
+                                   evaluations=evaluations)
     if summary.get("stopped") or not summary.get("final_dir"):
         return out  # paused: no manifest, so the next run resumes
     atomic_write_json(Path(summary["final_dir"]) / "tokenizer_config.json",

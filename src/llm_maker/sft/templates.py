@@ -1,10 +1,10 @@
 """Chat templates: conversations -> token ids and completion-only labels.
 
-Two layouts (names in `recipe.TEMPLATES`):
+Two layouts (TEMPLATE_SPECS):
 
   chatml     <|im_start|>{role}\\n{content}<|im_end|>\\n         per message
              generation prompt <|im_start|>assistant\\n; stops on <|im_end|> (and <|endoftext|>)
-  parchment  {role}\\n{content}<|endoftext|>\\n                   per message (seed 000's format)
+  parchment  {role}\\n{content}<|endoftext|>\\n                   per message (ParchmentLM-166M's format)
              generation prompt assistant\\n; stops on <|endoftext|>
 
 Labels copy the ids of each assistant turn's content and of its end token, so the model
@@ -22,10 +22,10 @@ pieces are encoded apart (here, for the label mask) or as one string (transforme
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from llm_maker.errors import LLMMakerError
-from llm_maker.tokenizer.tokenizer import EOS, IM_END, IM_START, SPECIAL_TOKENS, Tokenizer
+from llm_maker.tokenizer.tokenizer import EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, Tokenizer
 
 IGNORE_INDEX = -100  # LlamaModel's loss ignores these targets
 ROLES = ("system", "user", "assistant")
@@ -131,3 +131,14 @@ def jinja_chat_template(template: str) -> str:
         "{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{- {start}'assistant\\n' -}}}}{{%- endif -%}}"
     )
+
+
+def hf_tokenizer_config(template: Optional[str], model_max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json for transformers. With a chat template: the Jinja template and its end
+    token as eos; without one (a base model): <|endoftext|> as eos and no template."""
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
+                              "bos_token": None, "model_max_length": model_max_length,
+                              "clean_up_tokenization_spaces": False}
+    if template:
+        config.update(chat_template=jinja_chat_template(template), eos_token=end_token(template))
+    return config

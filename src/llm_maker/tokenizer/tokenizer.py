@@ -8,14 +8,13 @@ Special tokens (ids 0-3 in a tokenizer trained here):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from llm_maker.artifacts import sha256_bytes
+from llm_maker.artifacts import atomic_write_text, sha256_bytes
 from llm_maker.errors import LLMMakerError
 
 EOS = "<|endoftext|>"
@@ -55,8 +54,6 @@ class Tokenizer:
         return cls(hf, source=str(file))
 
     def save(self, directory: str | Path) -> Path:
-        from llm_maker.artifacts import atomic_write_text
-
         out = Path(directory) / TOKENIZER_FILE
         atomic_write_text(out, self.hf.to_str(pretty=True))
         return out
@@ -115,13 +112,3 @@ def with_special_tokens(hf: HFTokenizer) -> HFTokenizer:
     if missing:
         hf.add_special_tokens(missing)
     return hf
-
-
-def tokenizer_hash_of_file(path: str | Path) -> str:
-    """The hash `Tokenizer.hash` would give, without building the tokenizer."""
-    hf = HFTokenizer.from_file(str(path))
-    return sha256_bytes(hf.to_str().encode("utf-8"))[:16]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

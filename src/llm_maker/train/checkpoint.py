@@ -1,37 +1,62 @@
-"""Model directories and training checkpoints, written atomically with weights in safetensors.
+"""Model directories and training checkpoints: one module, one save path, weights in safetensors.
 
 A model directory (`final/`, or the model inside a checkpoint) holds:
   model.safetensors   the weights (a tied head is stored once, as embed_tokens)
   config.json         {"model": LlamaConfig fields, "tokenizer_hash": ..., plus stage metadata}
   tokenizer.json      the tokenizer the weights were trained with
 
-A training checkpoint `checkpoints/step_XXXXXXXX/` adds:
-  optimizer.pt        optimizer state (loaded with weights_only=True)
-  trainer_state.json  step, data cursor, tokens seen, RNG state, metrics so far
-Checkpoints are built in a `.tmp-*` directory and renamed into place, so a directory named
-`step_*` is always complete; a crash leaves only a `.tmp-*` directory that is ignored.
+A training checkpoint `checkpoints/step_XXXXXXXX/` is a model directory plus:
+  optimizer.pt        optimizer state, one process or DDP (loaded with weights_only=True)
+  dcp/                with FSDP2 instead: every rank's shard of weights and optimizer state,
+                      written by torch.distributed.checkpoint; it loads into any number of
+                      ranks, one process included (DCP reshards on load)
+  trainer_state.json  the loop's `TrainState` (step, tokens seen, last losses and metrics),
+                      the data cursor and the RNG state
+
+Every checkpoint is assembled in `.tmp-step_XXXXXXXX/` and renamed into place by rank 0, so a
+directory named `step_*` is always complete; a crash leaves only a `.tmp-*` directory, which
+resume never picks.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
-from llm_maker.artifacts import atomic_dir, atomic_write_json
+from llm_maker.artifacts import atomic_dir, atomic_write_json, is_up_to_date
 from llm_maker.errors import CheckpointError
+from llm_maker.layout import WEIGHTS
 from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.tokenizer.tokenizer import Tokenizer
+from llm_maker.train.distributed import DistContext, barrier
 
-WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+OPTIMIZER = "optimizer.pt"
+TRAINER_STATE = "trainer_state.json"
+DCP_DIR = "dcp"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
+
+# ----------------------------------------------------------------------------------------
+# Model directories
+# ----------------------------------------------------------------------------------------
 
 def model_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -93,39 +118,132 @@ def load_weights(model: LlamaModel, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def full_model(model: LlamaModel, ctx: DistContext) -> Optional[LlamaModel]:
+    """The whole model on rank 0 (gathered from FSDP2 shards: a collective), None elsewhere."""
+    if not (ctx.enabled and _is_sharded(model)):
+        return model if ctx.is_main else None
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return None
+    with torch.device("meta"):  # a shell that takes the gathered CPU tensors without copying them
+        gathered = LlamaModel(model.config)
+    gathered.load_state_dict(sd, assign=True)
+    if model.config.tie_embeddings:
+        gathered.lm_head.weight = gathered.embed_tokens.weight
+    return gathered
+
+
+def save_final_model(out_dir: Path, model: LlamaModel, tokenizer: Tokenizer, meta: dict[str, Any],
+                     ctx: DistContext = DistContext()) -> Path:
+    """final/: the whole model (gathered from every rank's shard under FSDP2), written by rank 0."""
+    whole = full_model(model, ctx)
+    if ctx.is_main:
+        save_model_dir(out_dir, whole, tokenizer, meta)
+    barrier(ctx)
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------
 # Training checkpoints
 # ----------------------------------------------------------------------------------------
 
-def rng_state() -> dict[str, str]:
+@dataclass
+class TrainState:
+    """What the training loop knows between steps; saved in every checkpoint, restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    loss: Optional[float] = None  # mean training loss over the last logged window
+    val_loss: Optional[float] = None  # at the last eval step
+    evals: dict[str, Any] = field(default_factory=dict)  # the caller's evaluations at the last eval step
+    window_start_step: int = 0  # the previous logged row's step: the loss accumulated since covers the steps after it
+
+    def to_json(self, grad_accum_steps: int) -> dict[str, Any]:
+        # micro_batch_index: the data cursor, for a reader of the checkpoint (batches are a pure
+        # function of it, so resume needs only the step).
+        return {**dataclasses.asdict(self), "micro_batch_index": self.step * grad_accum_steps}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def rng_state() -> dict[str, Any]:
     """CPU (and CUDA) torch RNG state, base64 so it fits in JSON."""
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    state: dict[str, Any] = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available():
         state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
+    def tensor(b64: str) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(base64.b64decode(b64), dtype=np.uint8).copy())
 
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    torch.set_rng_state(tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(
-            [torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, model: LlamaModel, optimizer: torch.optim.Optimizer,
-                    tokenizer: Tokenizer, meta: dict[str, Any], trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step_XXXXXXXX atomically, then prune all but the newest `keep`."""
-    ckpt_root = Path(ckpt_root)
-    out = ckpt_root / f"step_{step:08d}"
-    with atomic_dir(out) as tmp:
-        write_model_files(tmp, model, tokenizer, meta)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "rng": rng_state()})
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def save_checkpoint(ckpt_root: str | Path, model: LlamaModel, optimizer: Any, tokenizer: Tokenizer,
+                    meta: dict[str, Any], state: TrainState, grad_accum_steps: int, keep: int,
+                    ctx: DistContext = DistContext(), sharded: bool = False) -> Path:
+    """Write checkpoints/step_N (N = state.step) atomically, then prune all but the newest `keep`.
+
+    One process or DDP: rank 0 writes the weights and optimizer.pt. FSDP2 (`sharded`): every
+    rank writes its shard into dcp/ and rank 0 adds the gathered weights, so the checkpoint is
+    still a model directory. Every rank must call this (barriers and, with FSDP2, collectives)."""
+    out = Path(ckpt_root) / f"step_{state.step:08d}"
+    tmp = out.with_name(f".tmp-{out.name}")  # one name for every rank: with FSDP2 they all write into it
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ctx)
+    if sharded:
+        with _one_process_is_intended():
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / DCP_DIR, no_dist=not ctx.enabled)
+    whole = full_model(model, ctx)
+    if ctx.is_main:
+        write_model_files(tmp, whole, tokenizer, meta)
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        atomic_write_json(tmp / TRAINER_STATE, {**state.to_json(grad_accum_steps), "rng": rng_state()})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(ctx)
     return out
+
+
+def load_checkpoint(ckpt: Path, model: LlamaModel, optimizer: Any, tokenizer: Tokenizer) -> TrainState:
+    """Restore weights, optimizer state (from a checkpoint of any world size) and RNG into this
+    run; refuse a checkpoint of another tokenizer or model shape."""
+    meta = read_model_config(ckpt)
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise CheckpointError(f"{ckpt}: trained with tokenizer {meta.get('tokenizer_hash')}, but this run's "
+                              f"tokenizer is {tokenizer.hash}; use --force to start over")
+    if meta["model"] != model.config.to_dict():
+        raise CheckpointError(f"{ckpt}: model shape {meta['model']} differs from the recipe's "
+                              f"{model.config.to_dict()}; use --force to start over")
+    if (ckpt / DCP_DIR).is_dir():
+        state = _dcp_state(model, optimizer)
+        no_dist = not (dist.is_available() and dist.is_initialized())
+        with _one_process_is_intended():
+            dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)  # reshards to this run's ranks
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, _optimizers(optimizer), state["optim"])
+    elif _is_sharded(model):
+        raise CheckpointError(f"{ckpt}: written by one process or DDP (no {DCP_DIR}/), but this run shards the "
+                              f"model (train.distributed: fsdp2); resume it with train.distributed: ddp")
+    else:
+        load_weights(model, ckpt / WEIGHTS)
+        optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
+    raw = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
+    set_rng_state(raw["rng"])
+    return TrainState.from_json(raw)
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
@@ -134,7 +252,7 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
-             and (p / "trainer_state.json").is_file() and (p / WEIGHTS).is_file()]
+             and (p / TRAINER_STATE).is_file() and (p / WEIGHTS).is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -143,18 +261,50 @@ def latest_checkpoint(ckpt_root: str | Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-
-
-def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-
-
-def check_resumable(stage_dir: Path, fingerprint_: str, what: str, retrain: str) -> None:
+def check_resumable(stage_dir: Path, fingerprint: str, what: str, retrain: str) -> None:
     """Resuming is for an interrupted run of the same config: refuse the newest checkpoint if it
     was written with another `what` (config, data, base model), rather than silently continue
     -- or "finish" at zero steps -- from another run's state. `retrain` says how to start over."""
     ckpt = latest_checkpoint(Path(stage_dir) / "checkpoints")
-    if ckpt is not None and read_model_config(ckpt).get("fingerprint") != fingerprint_:
+    if ckpt is not None and read_model_config(ckpt).get("fingerprint") != fingerprint:
         raise CheckpointError(f"{ckpt} was written with another {what}; {retrain}")
+
+
+def _is_sharded(model: LlamaModel) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2's DTensor parameters
+
+
+@contextmanager
+def _one_process_is_intended():
+    """DCP warns whenever it runs without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
+
+
+def _dcp_state(model: LlamaModel, optimizer: Any) -> dict[str, Any]:
+    # Keys are parameter names, whatever the sharding: what lets N ranks load M ranks' shards.
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
+
+
+def prepare_stage_dir(out: Path, fingerprint: str, force: bool, resume: bool, ctx: DistContext, stage: str,
+                      what: str, retrain: str) -> bool:
+    """The prologue of a training stage (pretrain, SFT): True when `out` already holds this
+    config's finished run (nothing to do). --force deletes `out` (rank 0, behind a barrier);
+    a finished run of another config is refused without --force; --resume is refused from a
+    checkpoint of another `what` (check_resumable). Every rank calls this."""
+    if force:
+        if ctx.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        barrier(ctx)  # no rank starts writing into `out` while rank 0 deletes it
+    elif is_up_to_date(out, fingerprint) and (out / "final").is_dir():
+        return True
+    elif (out / "manifest.json").is_file() and not resume:
+        raise CheckpointError(f"{out} holds a finished {stage} run with another config; pass --force to retrain")
+    if resume:
+        check_resumable(out, fingerprint, what, retrain)
+    return False

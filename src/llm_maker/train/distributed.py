@@ -12,38 +12,27 @@ round-robin, rank r taking global micro-batches step*A + r, step*A + r + N, ... 
 multiple of N). The global batch, the data order and so the loss curve are one process's;
 only the order in which gradients are summed differs. Each rank reads a disjoint slice.
 
-Checkpoints (`train.distributed`):
-  ddp    every rank holds the same weights and optimizer state; rank 0 writes the usual
-         checkpoint (train/checkpoint.py), which any number of ranks resumes from.
-  fsdp2  each rank holds a shard (`fully_shard` per block, then the root). Every rank writes
-         its shard with torch.distributed.checkpoint into step_N/dcp/, which loads back into
-         any number of ranks, one process included (DCP reshards on load). Rank 0 also
-         gathers and writes the full weights, so a checkpoint is still a model directory.
-         One process with `fsdp2` in its recipe shards nothing but writes the same format,
-         so its run can be continued on N ranks.
-Either way a checkpoint is assembled in a `.tmp-*` directory and renamed into place by rank 0.
+Models (`train.distributed`):
+  ddp    every rank holds the same weights and optimizer state.
+  fsdp2  each rank holds a shard (`fully_shard` per block, then the root).
+Checkpoints of either kind, and their resharding on resume, are train/checkpoint.py's.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
-from llm_maker.artifacts import atomic_write_json
-from llm_maker.errors import CheckpointError, RecipeError
-from llm_maker.model.llama import LlamaModel
-from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import (WEIGHTS, list_checkpoints, load_optimizer_state, load_weights,
-                                        rng_state, save_checkpoint, save_model_dir, write_model_files)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
-DCP_DIR = "dcp"
+from llm_maker.errors import RecipeError
+
 _control_group: Any = None  # a gloo group for the per-step stop vote, which must not touch the GPU
 
 
@@ -102,24 +91,21 @@ def rank_micro_batches(step: int, grad_accum_steps: int, ctx: DistContext) -> li
     return list(range(first + ctx.rank, first + grad_accum_steps, ctx.world_size))
 
 
-def wrap_model(model: LlamaModel, mode: str, ctx: DistContext, device: torch.device) -> torch.nn.Module:
-    """The module to run forward/backward through: DDP around the model, or the model itself
-    sharded in place by FSDP2 (so it must be wrapped before the optimizer is built)."""
+def wrap_model(module: torch.nn.Module, blocks: Iterable[torch.nn.Module], mode: str, ctx: DistContext,
+               device: torch.device) -> torch.nn.Module:
+    """The module to run forward/backward through: DDP around `module` (the model with its loss,
+    train/loss.py), or `module` sharded in place by FSDP2, each of `blocks` first, then the root
+    (so it must be wrapped before the optimizer is built)."""
     if not ctx.enabled:
-        return model
+        return module
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                        gradient_as_bucket_view=True)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (ctx.world_size,))
-    for layer in model.layers:  # one all-gather per block, overlapped with the previous block's compute
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, head
-    return model
+    for block in blocks:  # one all-gather per block, overlapped with the previous block's compute
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)  # the root: embeddings, final norm, head
+    return module
 
 
 def gradient_sync(train_module: torch.nn.Module, last_micro_batch: bool):
@@ -156,103 +142,3 @@ def barrier(ctx: DistContext) -> None:
 def to_float(t: torch.Tensor) -> float:
     """A scalar, also from FSDP2's DTensor grad norm."""
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------
-
-@contextmanager
-def _one_process_is_intended():
-    """DCP warns whenever it runs without a process group; one process is a supported case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
-
-
-def _dcp_state(model: LlamaModel, optimizer: Any) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    # Keys are parameter names, whatever the sharding: what lets N ranks load M ranks' shards.
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, _optimizers(optimizer))}
-
-
-def full_model(model: LlamaModel, ctx: DistContext) -> Optional[LlamaModel]:
-    """The whole model on rank 0 (gathered from FSDP2 shards: a collective), None elsewhere."""
-    if not (ctx.enabled and any(hasattr(p, "full_tensor") for p in model.parameters())):
-        return model if ctx.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not ctx.is_main:
-        return None
-    with torch.device("meta"):  # a shell that takes the gathered CPU tensors without copying them
-        gathered = LlamaModel(model.config)
-    gathered.load_state_dict(sd, assign=True)
-    if model.config.tie_embeddings:
-        gathered.lm_head.weight = gathered.embed_tokens.weight
-    return gathered
-
-
-def save_training_checkpoint(ctx: DistContext, sharded: bool, ckpt_root: Path, step: int, model: LlamaModel,
-                             optimizer: Any, tokenizer: Tokenizer, meta: dict[str, Any],
-                             trainer_state: dict[str, Any], keep: int) -> None:
-    """checkpoints/step_N: rank 0 alone (one process, DDP) or every rank's shard (FSDP2)."""
-    if not sharded:
-        if ctx.is_main:
-            save_checkpoint(ckpt_root, step, model, optimizer, tokenizer, meta, trainer_state, keep=keep)
-        barrier(ctx)
-        return
-    import torch.distributed.checkpoint as dcp
-
-    out = Path(ckpt_root) / f"step_{step:08d}"
-    tmp = out.with_name(f".tmp-{out.name}-dcp")  # `.tmp-*`: never chosen by resume, even half-written
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(ctx)
-    with _one_process_is_intended():
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / DCP_DIR, no_dist=not ctx.enabled)
-    whole = full_model(model, ctx)
-    if ctx.is_main:
-        write_model_files(tmp, whole, tokenizer, meta)
-        atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "rng": rng_state()})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(ctx)
-
-
-def save_final_model(ctx: DistContext, out_dir: Path, model: LlamaModel, tokenizer: Tokenizer,
-                     meta: dict[str, Any]) -> Path:
-    whole = full_model(model, ctx)
-    if ctx.is_main:
-        save_model_dir(out_dir, whole, tokenizer, meta)
-    barrier(ctx)
-    return out_dir
-
-
-def load_training_state(ckpt: Path, model: LlamaModel, optimizer: Any) -> None:
-    """Weights and optimizer state from a checkpoint of any world size into this one's model."""
-    if (ckpt / DCP_DIR).is_dir():
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        state = _dcp_state(model, optimizer)
-        no_dist = not (dist.is_available() and dist.is_initialized())
-        with _one_process_is_intended():
-            dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)  # reshards to this run's ranks
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, _optimizers(optimizer), state["optim"])
-        return
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
-        raise CheckpointError(f"{ckpt}: written by one process or DDP (no {DCP_DIR}/), but this run shards the "
-                              f"model (train.distributed: fsdp2); resume it with train.distributed: ddp")
-    load_weights(model, ckpt / WEIGHTS)
-    optimizer.load_state_dict(load_optimizer_state(ckpt))

@@ -1,4 +1,8 @@
-"""Cross-entropy through the output head without the full (N, V) logits (Liger-style, chunked).
+"""The training loss, applied to the model from outside it: `CausalLMLoss` wraps a model and
+returns the mean next-token cross-entropy (in fp32, targets of -100 ignored), either through the
+full logits or through the head a chunk of tokens at a time.
+
+Chunked: cross-entropy through the output head without the full (N, V) logits (Liger-style).
 
 The plain loss builds logits (N, V) in the autocast dtype, an fp32 copy of them, and keeps both
 (or their gradient) alive until backward: at N = 16 x 1024 tokens and a 100K vocabulary that is
@@ -10,7 +14,16 @@ as the plain loss (logits, grad of hidden, grad of weight: 3 matmuls), with no r
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only
+    from llm_maker.model.llama import LlamaModel
+
+IGNORE_INDEX = -100  # targets that do not count: prompts and padding in SFT
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -51,7 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (rows equal to `ignore_index`
     do not count), computed `chunk_size` rows at a time. hidden (N, C), weight (V, C), targets (N,)."""
     if chunk_size < 1:
@@ -59,3 +72,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # Without autograd (evaluation) the per-chunk gradients are not computed at all.
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, with_grad)
+
+
+class CausalLMLoss(nn.Module):
+    """The model with its training loss: `forward(idx, targets)` is the mean next-token loss,
+    `forward(idx)` the logits. This is the module the trainer wraps (DDP, FSDP2's root,
+    torch.compile: one graph with the loss), so evaluations that call it work under any of them.
+
+    chunk_size > 0: the loss goes through the head `chunk_size` tokens at a time and the
+    (B*T, V) logits are never materialised (same loss and gradients)."""
+
+    def __init__(self, model: LlamaModel, chunk_size: int = 0):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if targets is None:
+            return self.model(idx)  # (B, T, V)
+        hidden = self.model.hidden_states(idx)  # (B, T, C)
+        if self.chunk_size:
+            return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, targets.reshape(-1),
+                                        self.chunk_size)
+        logits = self.model.lm_head(hidden)  # (B, T, V)
+        # The loss in fp32 whatever the autocast dtype.
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)

@@ -1,23 +1,24 @@
 """The pretraining stage: pack/ + tokenizer/ -> pretrain/{checkpoints,final,metrics.csv}."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from llm_maker.artifacts import is_up_to_date, require_manifest, stage_fingerprint, write_manifest
+from llm_maker.artifacts import require_manifest, stage_fingerprint, write_manifest
 from llm_maker.errors import CheckpointError, RecipeError
 from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.model.presets import resolve_model_config
-from llm_maker.pack import load_split
-from llm_maker.recipe import Recipe
+from llm_maker.pack.shards import load_split
+from llm_maker.recipe import Recipe, TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
-from llm_maker.train.checkpoint import check_resumable
-from llm_maker.train.distributed import barrier, init_distributed, local_device
-from llm_maker.train.trainer import resolve_device, run_training
+from llm_maker.devices import resolve_device
+from llm_maker.eval.multiple_choice import training_hook
+from llm_maker.train.checkpoint import load_model_dir, prepare_stage_dir
+from llm_maker.train.distributed import init_distributed, local_device
+from llm_maker.train.trainer import Evaluation, run_training
 
 
 def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> LlamaConfig:
@@ -34,7 +35,7 @@ def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> LlamaConfig:
 
 
 def build_model(cfg: LlamaConfig, seed: int) -> LlamaModel:
-    """Build and check the model: its parameter count must match the formula (seed 004)."""
+    """Build and check the model: its parameter count must match the formula of count_parameters."""
     torch.manual_seed(seed)
     model = LlamaModel(cfg)
     expected, actual = count_parameters(cfg), model.num_parameters()
@@ -44,14 +45,20 @@ def build_model(cfg: LlamaConfig, seed: int) -> LlamaModel:
 
 def initial_model(model_dir: str, tokenizer: Tokenizer) -> LlamaModel:
     """The starting point of continued pretraining, refused if it was trained with another tokenizer."""
-    from llm_maker.train.checkpoint import load_model_dir
-
     model, _, _ = load_model_dir(model_dir, expected_tokenizer_hash=tokenizer.hash)
     return model
 
 
+def multiple_choice_evaluations(tc: TrainConfig, tokenizer: Tokenizer) -> list[Evaluation]:
+    """`train.mc_eval`: multiple-choice acc / acc_norm over its items at every eval step, or nothing."""
+    hook = training_hook(tc.mc_eval, tokenizer, tc.mc_eval_items)  # the items load once, here
+    return [] if hook is None else [lambda module, device, amp_dtype: hook(module)]
+
+
 def pretrain_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
-    return stage_fingerprint({"model": recipe.model, "train": recipe.train, "seed": recipe.seed},
+    """What decides the weights: the model shape, the train fields that change results (its
+    resolved seed included; not logging or checkpoint cadence), the packed tokens and tokenizer."""
+    return stage_fingerprint({"model": recipe.model, "train": recipe.train.fingerprint_fields()},
                              paths.pack, paths.tokenizer)
 
 
@@ -67,18 +74,9 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
         raise CheckpointError(f"{paths.pack}: packed with tokenizer {pack_manifest.get('tokenizer_hash')}, "
                               f"but {paths.tokenizer} holds {tokenizer.hash}; rerun the pack stage")
     fp = pretrain_fingerprint(recipe, paths)
-    if force:
-        if ctx.is_main:
-            shutil.rmtree(out, ignore_errors=True)
-        barrier(ctx)  # no rank starts writing into `out` while rank 0 deletes it
-    elif is_up_to_date(out, fp) and (out / "final").is_dir():
+    if prepare_stage_dir(out, fp, force, resume, ctx, "pretraining", "model/train config or other data",
+                         f"pass --force to retrain from scratch (this deletes {out})"):
         return out
-    elif (out / "manifest.json").is_file() and not resume:
-        raise CheckpointError(f"{out} holds a finished run with another config; pass --force to retrain")
-
-    if resume:
-        check_resumable(out, fp, "model/train config or other data",
-                        f"pass --force to retrain from scratch (this deletes {out})")
     if recipe.model.init_from:
         model = initial_model(recipe.model.init_from, tokenizer)
         cfg = model.config
@@ -92,7 +90,8 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     batches = PretrainBatches(load_split(paths.pack, "train"), cfg.seq_len, tc.micro_batch_size, seed=tc.seed,
                               val_tokens=load_split(paths.pack, "val"), device=device)
     meta = {"stage": "pretrain", "recipe": recipe.name, "fingerprint": fp}
-    summary = run_training(model, batches, tc, out, tokenizer, meta, resume=resume)
+    summary = run_training(model, batches, tc, out, tokenizer, meta, resume=resume,
+                           evaluations=multiple_choice_evaluations(tc, tokenizer))
     if summary["stopped"] or not ctx.is_main:
         return out
     write_manifest(out, "pretrain", fp, summary=summary, model=cfg.to_dict(),

@@ -6,35 +6,50 @@ one process or many through torchrun (DDP / FSDP2, see train/distributed.py).
     tokens_per_micro_batch: int
     micro_batch(index) -> (x, y)     a pure function of the micro-batch index (resume = step count)
     val_batches() -> iterable of (x, y)
+and runs in four parts: `_setup` (device, ranks, wrapping, optimizer, resume), `_loop` (the
+steps), `_log_row` (one metrics.csv row) and `_finish` (final/ and the summary). The loop's
+state is a `TrainState` (train/checkpoint.py), saved in every checkpoint. Which held-out
+metrics to compute besides the validation loss is the caller's choice (`evaluations`).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import math
+import resource
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from llm_maker.artifacts import atomic_write_text
+from llm_maker.devices import autocast, resolve_device, resolve_precision
 from llm_maker.errors import CheckpointError
 from llm_maker.model.llama import LlamaModel
-from llm_maker.recipe import TrainConfig
+from llm_maker.recipe import DEFAULT_SEED, TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import latest_checkpoint, load_trainer_state, read_model_config, set_rng_state
-from llm_maker.train.distributed import (agree_on_stop, barrier, gradient_sync, init_distributed,
-                                         load_training_state, local_device, mean_over_ranks, rank_micro_batches,
-                                         save_final_model, save_training_checkpoint, to_float, wrap_model)
+from llm_maker.train.checkpoint import (TrainState, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                        save_final_model)
+from llm_maker.train.distributed import (DistContext, agree_on_stop, barrier, gradient_sync, init_distributed,
+                                         local_device, mean_over_ranks, rank_micro_batches, to_float, wrap_model)
+from llm_maker.train.evaluation import mean_loss
+from llm_maker.train.loss import CausalLMLoss
 from llm_maker.train.mfu import device_peak_tflops, mfu
+from llm_maker.train.muon import make_muon_optimizer
 from llm_maker.train.schedule import cosine_lr
+from llm_maker.train.trackers import open_trackers
 
 METRICS_FIELDS = ["step", "tokens", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
                   "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm"]
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class BatchSource(Protocol):
@@ -45,26 +60,13 @@ class BatchSource(Protocol):
     def val_batches(self) -> Any: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+class Evaluation(Protocol):
+    """A held-out metric the caller asks for at every eval step: it gets the module that maps
+    x to logits and (x, y) to the loss (under DDP, FSDP2 or neither) and returns metrics.csv
+    columns (e.g. {"val_token_acc": ...}). Under torchrun every rank runs it."""
 
-
-def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32. `auto`: bf16 on GPUs that support it, fp32 on CPU
-    (CPU bf16 autocast is slower than fp32 on most laptops)."""
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    def __call__(self, module: torch.nn.Module, device: torch.device,
+                 amp_dtype: Optional[torch.dtype]) -> dict[str, Any]: ...
 
 
 def make_optimizer(model: LlamaModel, tc: TrainConfig, device: torch.device) -> Any:
@@ -72,11 +74,16 @@ def make_optimizer(model: LlamaModel, tc: TrainConfig, device: torch.device) -> 
     `train.optimizer: muon`, Muon for the blocks' matrices and AdamW for the rest (train/muon.py)."""
     fused = device.type == "cuda"
     if tc.optimizer == "muon":
-        from llm_maker.train.muon import make_muon_optimizer
-
         return make_muon_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), fused=fused)
     return torch.optim.AdamW(model.weight_decay_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                              fused=fused)
+
+
+def apply_activation_checkpointing(model: LlamaModel) -> None:
+    """Recompute each block's activations in backward instead of keeping them: less memory for
+    ~1/3 more compute. Wraps each block's forward in place, so parameter names do not change."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 class StopRequest:
@@ -118,7 +125,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: Optional[int], write: bool = True):
         self.path, self.enabled = path, write
-        self.sinks: list = []  # experiment trackers fed every row (registry/trackers.py)
+        self.sinks: list = []  # experiment trackers fed every row (train/trackers.py)
         if not write:  # every checkpoint has its row, so the last row is the resumed step
             self.rows = [{"step": resume_step}] if resume_step else []
             return
@@ -145,68 +152,18 @@ class MetricsLog:
         self.rows.append(row)
 
 
-@torch.no_grad()
-def evaluate_loss(model: LlamaModel, batches: BatchSource, max_batches: int, device: torch.device,
-                  amp_dtype: Optional[torch.dtype]) -> Optional[float]:
-    model.eval()
-    losses = []
-    for x, y in itertools.islice(batches.val_batches(), max_batches):
-        with _autocast(device, amp_dtype):
-            losses.append(model(x.to(device), y.to(device)).item())
-    model.train()
-    return sum(losses) / len(losses) if losses else None
-
-
-@torch.no_grad()
-def evaluate_token_accuracy(model: LlamaModel, batches: BatchSource, max_batches: int, device: torch.device,
-                            amp_dtype: Optional[torch.dtype]) -> Optional[float]:
-    """Share of supervised validation targets (label != -100) that greedy decoding predicts: SFT's
-    token accuracy, plotted on the model card. Needs the full logits, so SFT only (short batches)."""
-    model.eval()
-    correct = total = 0
-    for x, y in itertools.islice(batches.val_batches(), max_batches):
-        with _autocast(device, amp_dtype):
-            logits = model(x.to(device))  # (B, T, V)
-        y = y.to(device)
-        mask = y != -100
-        correct += int(((logits.argmax(-1) == y) & mask).sum())
-        total += int(mask.sum())
-    model.train()
-    return correct / total if total else None
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def _resume(model, optimizer, ckpt_root: Path, tokenizer: Tokenizer) -> Optional[dict[str, Any]]:
-    ckpt = latest_checkpoint(ckpt_root)
-    if ckpt is None:
-        return None
-    meta = read_model_config(ckpt)
-    if meta.get("tokenizer_hash") != tokenizer.hash:
-        raise CheckpointError(f"{ckpt}: trained with tokenizer {meta.get('tokenizer_hash')}, but this run's "
-                              f"tokenizer is {tokenizer.hash}; use --force to start over")
-    if meta["model"] != model.config.to_dict():
-        raise CheckpointError(f"{ckpt}: model shape {meta['model']} differs from the recipe's "
-                              f"{model.config.to_dict()}; use --force to start over")
-    load_training_state(ckpt, model, optimizer)  # from any number of ranks (train/distributed.py)
-    state = load_trainer_state(ckpt)
-    set_rng_state(state["rng"])
-    return state
-
-
 def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any, batches: BatchSource,
                micro_batch_indices: list[int], tc: TrainConfig, device: torch.device,
                amp_dtype: Optional[torch.dtype], loss_acc: torch.Tensor) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches: forward, backward (the gradient of their
-    mean loss), clip, step; returns the grad norm. Adds the mean loss to `loss_acc` on the device:
-    nothing here waits for the GPU, so the host queues the next step while this one runs."""
+    mean loss), clip, step; returns the grad norm. `train_module(x, y)` is the loss (a
+    `CausalLMLoss`, maybe wrapped). Adds the mean loss to `loss_acc` on the device: nothing here
+    waits for the GPU, so the host queues the next step while this one runs."""
     n = len(micro_batch_indices)
     for i, index in enumerate(micro_batch_indices):
         x, y = batches.micro_batch(index)
         with gradient_sync(train_module, last_micro_batch=i == n - 1):
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 loss = train_module(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / n).backward()
         loss_acc += loss.detach() / n
@@ -218,123 +175,162 @@ def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any,
     return grad_norm
 
 
+@dataclass
+class _Run:
+    """What `_setup` builds and the loop uses: one training run's parts."""
+
+    tc: TrainConfig
+    out_dir: Path
+    tokenizer: Tokenizer
+    meta: dict[str, Any]
+    batches: BatchSource
+    evaluations: Sequence[Evaluation]
+    ctx: DistContext
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    model: LlamaModel
+    loss_module: CausalLMLoss  # the model with its loss, for evaluation (FSDP2's root under fsdp2)
+    train_module: torch.nn.Module  # what forward/backward runs through: DDP / compiled / loss_module
+    optimizer: Any
+    state: TrainState
+    metrics: "MetricsLog"
+    stop: "StopRequest"
+    progress: Any
+    flops_per_token: float
+    peak_tflops: Optional[float]
+    tokens_per_step: int
+    t0: float = field(default_factory=time.perf_counter)
+    window_start: float = field(default_factory=time.perf_counter)  # wall clock of the previous logged row
+    window_tokens: int = 0
+
+
 def run_training(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
-                 meta: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+                 meta: dict[str, Any], resume: bool = False,
+                 evaluations: Sequence[Evaluation] = ()) -> dict[str, Any]:
     """Train to tc.max_steps (or until asked to stop); returns a summary dict.
 
-    Writes out_dir/checkpoints/step_*/, out_dir/metrics.csv and, when finished, out_dir/final/."""
-    out_dir = Path(out_dir)
+    Writes out_dir/checkpoints/step_*/, out_dir/metrics.csv and, when finished, out_dir/final/
+    (whose config.json carries `meta`). At every eval step the validation loss and each of
+    `evaluations` are computed and logged."""
+    run = _setup(model, batches, tc, Path(out_dir), tokenizer, meta, resume, evaluations)
+    with run.stop.installed():
+        stopped_by = _loop(run)
+    return _finish(run, stopped_by)
+
+
+def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
+           meta: dict[str, Any], resume: bool, evaluations: Sequence[Evaluation]) -> _Run:
     ckpt_root = out_dir / "checkpoints"
     ctx = init_distributed(resolve_device(tc.device))  # torchrun's ranks; one process: nothing to do
     device = local_device(resolve_device(tc.device), ctx)
     rank_micro_batches(0, tc.grad_accum_steps, ctx)  # grad_accum_steps must split over the ranks: check first
     amp_dtype = resolve_precision(tc.precision, device)
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed if tc.seed is not None else DEFAULT_SEED)  # a recipe's is resolved already
     model.to(device)
     model.train()
-    model.activation_checkpointing = tc.activation_checkpointing
-    model.loss_chunk_size = tc.loss_chunk_size
-    train_module = wrap_model(model, tc.distributed, ctx, device)  # DDP, or FSDP2 shards `model` in place
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    loss_module = CausalLMLoss(model, tc.loss_chunk_size)
+    train_module = wrap_model(loss_module, model.layers, tc.distributed, ctx, device)  # FSDP2 shards in place
     optimizer = make_optimizer(model, tc, device)
 
-    state = _resume(model, optimizer, ckpt_root, tokenizer) if resume else None
-    if state is None and latest_checkpoint(ckpt_root) is not None:
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is not None and not resume:
         raise CheckpointError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or --force to start over")
+    state = load_checkpoint(ckpt, model, optimizer, tokenizer) if ckpt is not None else TrainState()
     barrier(ctx)  # every rank has looked for checkpoints before any rank writes one
-    step = state["step"] if state else 0
-    tokens_seen = state["tokens_seen"] if state else 0
-    metrics = MetricsLog(out_dir / "metrics.csv", resume_step=step if state else None, write=ctx.is_main)
-    last_val = state.get("val_loss") if state else None
-    last_acc: Optional[float] = None  # SFT's held-out token accuracy, at eval steps
-    from llm_maker.eval.multiple_choice import training_hook
-
-    mc_eval = training_hook(tc.mc_eval, tokenizer, tc.mc_eval_items)  # multiple-choice acc at eval steps, or None
-    last_mc: dict[str, float] = {}
+    metrics = MetricsLog(out_dir / "metrics.csv", resume_step=state.step if ckpt is not None else None,
+                         write=ctx.is_main)
     if ctx.is_main:
-        from llm_maker.registry.trackers import open_trackers
-
         metrics.sinks = open_trackers(tc, out_dir, meta)  # TensorBoard / W&B when the recipe asks
-
     if tc.compile:
         train_module = torch.compile(train_module)
-    flops_per_token = model.flops_per_token()
-    peak = device_peak_tflops(device, tc.peak_tflops)
-    tokens_per_step = batches.tokens_per_micro_batch * tc.grad_accum_steps
-    stop = StopRequest([out_dir / "STOP", out_dir.parent / "STOP"])
-    progress = _progress_bar(tc, initial=step, show=ctx.is_main)
-    stopped_by: Optional[str] = None
-    loss_acc = torch.zeros((), device=device)
-    window_start, window_tokens, t0 = time.perf_counter(), 0, time.perf_counter()
-    last_loss = state.get("loss") if state else None
+    return _Run(tc=tc, out_dir=out_dir, tokenizer=tokenizer, meta=meta, batches=batches, evaluations=evaluations,
+                ctx=ctx, device=device, amp_dtype=amp_dtype, model=model, loss_module=loss_module,
+                train_module=train_module, optimizer=optimizer, state=state, metrics=metrics,
+                stop=StopRequest([out_dir / "STOP", out_dir.parent / "STOP"]),
+                progress=_progress_bar(tc, initial=state.step, show=ctx.is_main),
+                flops_per_token=model.flops_per_token(), peak_tflops=device_peak_tflops(device, tc.peak_tflops),
+                tokens_per_step=batches.tokens_per_micro_batch * tc.grad_accum_steps)
 
-    def trainer_state() -> dict[str, Any]:
-        return {"tokens_seen": tokens_seen, "micro_batch_index": step * tc.grad_accum_steps,
-                "loss": last_loss, "val_loss": last_val}
 
-    with stop.installed():
-        while step < tc.max_steps:
-            lr = cosine_lr(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = train_step(train_module, model, optimizer, batches,
-                                   rank_micro_batches(step, tc.grad_accum_steps, ctx), tc, device, amp_dtype, loss_acc)
-            step += 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            progress.update(1)
+def _loop(run: _Run) -> Optional[str]:
+    """Optimizer steps until max_steps, or until a signal / STOP file: then the reason."""
+    tc, state = run.tc, run.state
+    loss_acc = torch.zeros((), device=run.device)  # summed on the device, read only at logged steps
+    while state.step < tc.max_steps:
+        lr = cosine_lr(state.step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = train_step(run.train_module, run.model, run.optimizer, run.batches,
+                               rank_micro_batches(state.step, tc.grad_accum_steps, run.ctx), tc, run.device,
+                               run.amp_dtype, loss_acc)
+        state.step += 1
+        state.tokens_seen += run.tokens_per_step
+        run.window_tokens += run.tokens_per_step
+        run.progress.update(1)
 
-            final = step == tc.max_steps
-            stop_reason = agree_on_stop(stop(), ctx)  # all ranks stop at the same step
-            if step % tc.eval_every == 0 or final:
-                last_val = evaluate_loss(model, batches, tc.eval_batches, device, amp_dtype)
-                if meta.get("stage") == "sft":
-                    last_acc = evaluate_token_accuracy(model, batches, tc.eval_batches, device, amp_dtype)
-                if mc_eval is not None:  # every rank runs it: under FSDP2 a forward needs them all
-                    last_mc = mc_eval(model)
-            if (step % tc.log_every == 0 or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0
-                    or final or stop_reason):  # every checkpoint has its row, so resume logs identically
-                # The only host-device sync: once per logged step, not per step.
-                window_steps = max(1, _steps_in_window(step, tc.log_every, metrics))
-                last_loss = mean_over_ranks(loss_acc, ctx).item() / window_steps
-                loss_acc.zero_()
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
-                row = {"step": step, "tokens": tokens_seen, "epoch": round(_epoch(batches, step, tc), 4),
-                       "loss": round(last_loss, 6), "val_loss": None if last_val is None else round(last_val, 6),
-                       "lr": f"{lr:.3e}", "grad_norm": round(to_float(grad_norm), 4), "tokens_per_s": round(tps, 1),
-                       "mfu": _fmt(mfu(flops_per_token, tps, peak, ctx.world_size)),
-                       "peak_mem_mb": _peak_mem_mb(device), "elapsed_s": round(now - t0, 2),
-                       "val_token_acc": _fmt(last_acc), **last_mc}
-                metrics.write(row)
-                progress.set_postfix(loss=f"{last_loss:.3f}",
-                                     val="-" if last_val is None else f"{last_val:.3f}",
-                                     lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=row["mfu"] or "-", refresh=False)
-            if step % tc.checkpoint_every == 0 or final or stop_reason:
-                save_training_checkpoint(ctx, tc.distributed == "fsdp2", ckpt_root, step, model, optimizer,
-                                         tokenizer, meta, trainer_state(), keep=tc.keep_checkpoints)
-            if stop_reason and not final:
-                stopped_by = stop_reason
-                break
-    progress.close()
-    for sink in metrics.sinks:
+        final = state.step == tc.max_steps
+        stop_reason = agree_on_stop(run.stop(), run.ctx)  # all ranks stop at the same step
+        if state.step % tc.eval_every == 0 or final:
+            _evaluate(run)
+        if (state.step % tc.log_every == 0 or state.step % tc.eval_every == 0 or state.step % tc.checkpoint_every == 0
+                or final or stop_reason):  # every checkpoint has its row, so resume logs identically
+            _log_row(run, loss_acc, lr, grad_norm)
+        if state.step % tc.checkpoint_every == 0 or final or stop_reason:
+            save_checkpoint(run.out_dir / "checkpoints", run.model, run.optimizer, run.tokenizer, run.meta, state,
+                            tc.grad_accum_steps, keep=tc.keep_checkpoints, ctx=run.ctx,
+                            sharded=tc.distributed == "fsdp2")
+        if stop_reason and not final:
+            return stop_reason
+    return None
+
+
+def _evaluate(run: _Run) -> None:
+    """The validation loss and the caller's evaluations, into the state (every rank: under
+    FSDP2 a forward needs them all)."""
+    val = itertools.islice(run.batches.val_batches(), run.tc.eval_batches)
+    run.state.val_loss = mean_loss(run.loss_module, val, run.device, run.amp_dtype)
+    for evaluation in run.evaluations:
+        run.state.evals.update(evaluation(run.loss_module, run.device, run.amp_dtype))
+
+
+def _log_row(run: _Run, loss_acc: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
+    """One metrics.csv row and the progress bar. The only host-device sync: once per logged step."""
+    state = run.state
+    window_steps = max(1, state.step - state.window_start_step)  # the steps `loss_acc` has summed
+    state.loss = mean_over_ranks(loss_acc, run.ctx).item() / window_steps
+    state.window_start_step = state.step
+    loss_acc.zero_()
+    now = time.perf_counter()
+    tps = run.window_tokens / max(now - run.window_start, 1e-9)
+    run.window_start, run.window_tokens = now, 0
+    row = {"step": state.step, "tokens": state.tokens_seen, "epoch": round(_epoch(run.batches, state.step, run.tc), 4),
+           "loss": round(state.loss, 6), "val_loss": None if state.val_loss is None else round(state.val_loss, 6),
+           "lr": f"{lr:.3e}", "grad_norm": round(to_float(grad_norm), 4), "tokens_per_s": round(tps, 1),
+           "mfu": _fmt(mfu(run.flops_per_token, tps, run.peak_tflops, run.ctx.world_size)),
+           "peak_mem_mb": _peak_mem_mb(run.device), "elapsed_s": round(now - run.t0, 2), **state.evals}
+    run.metrics.write(row)
+    run.progress.set_postfix(loss=f"{state.loss:.3f}", val="-" if state.val_loss is None else f"{state.val_loss:.3f}",
+                             lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=row["mfu"] or "-", refresh=False)
+
+
+def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
+    """Close the progress bar and sinks; when finished (not stopped), write final/."""
+    run.progress.close()
+    for sink in run.metrics.sinks:
         sink.close()
-
-    summary = {"steps": step, "max_steps": tc.max_steps, "tokens_seen": tokens_seen, "final_loss": last_loss,
-               "val_loss": last_val, "stopped": stopped_by is not None, "stopped_by": stopped_by,
-               "parameters": model.num_parameters(), "device": str(device), "world_size": ctx.world_size,
-               "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
-               "final_dir": None}
+    state = run.state
+    summary = {"steps": state.step, "max_steps": run.tc.max_steps, "tokens_seen": state.tokens_seen,
+               "final_loss": state.loss, "val_loss": state.val_loss, "stopped": stopped_by is not None,
+               "stopped_by": stopped_by, "parameters": run.model.num_parameters(), "device": str(run.device),
+               "world_size": run.ctx.world_size, "precision": PRECISION_NAMES[run.amp_dtype], "final_dir": None}
     if stopped_by is None:
-        final_meta = {**meta, "steps": step, "tokens_seen": tokens_seen, "final_loss": last_loss, "val_loss": last_val}
-        summary["final_dir"] = str(save_final_model(ctx, out_dir / "final", model, tokenizer, final_meta))
+        final_meta = {**run.meta, "steps": state.step, "tokens_seen": state.tokens_seen, "final_loss": state.loss,
+                      "val_loss": state.val_loss}
+        summary["final_dir"] = str(save_final_model(run.out_dir / "final", run.model, run.tokenizer, final_meta,
+                                                    run.ctx))
     return summary
-
-
-def _steps_in_window(step: int, log_every: int, metrics: MetricsLog) -> int:
-    """How many optimizer steps the accumulated loss covers (since the previous logged row)."""
-    prev = int(metrics.rows[-1]["step"]) if metrics.rows else 0
-    return step - prev
 
 
 def _epoch(batches: BatchSource, step: int, tc: TrainConfig) -> float:
@@ -350,15 +346,11 @@ def _peak_mem_mb(device: torch.device) -> Optional[float]:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     try:
-        import resource
-
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-    except (ImportError, OSError):
+    except OSError:
         return None
 
 
 def _progress_bar(tc: TrainConfig, initial: int, show: bool = True):
-    from tqdm.auto import tqdm
-
     return tqdm(total=tc.max_steps, initial=initial, disable=not (tc.progress and show), unit="step", dynamic_ncols=True,
                 mininterval=0.5)

@@ -9,8 +9,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from llm_maker.registry.registry import as_float
-
 
 class MetricSink(Protocol):
     def log(self, row: dict[str, Any]) -> None: ...
@@ -22,8 +20,11 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a metrics row, without the step (the x axis)."""
     out = {}
     for key, value in row.items():
-        v = as_float(value)
-        if key != "step" and v is not None:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):  # "" (not measured at this step), None
+            continue
+        if key != "step":
             out[key] = v
     return out
 

@@ -1,0 +1,38 @@
+"""What the registry knows about a run, read from its artifacts: the records that registry.py
+builds and both REGISTRY.md and a run's card.md (card.py) render."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+STATUS_ICON = {"done": "✅ done", "running": "🔄 running", "paused": "⏸ paused", "failed": "❌ failed"}
+
+
+@dataclass
+class ModelRow:
+    """One model of a run: the pretrained base or its SFT version."""
+
+    run: str
+    stage: str  # pretrain | sft
+    parameters: Optional[int]
+    vocab: Optional[int]
+    tokens: Optional[int]
+    val_loss: Optional[float]
+    val_label: str  # what the loss is: "val" (pretraining text) or "resp." (held-out SFT responses)
+    scores: list[str]
+    status: str
+    note: str = ""
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: Path
+    status: str  # done | running | paused | failed (registry.py's docstring says when)
+    reason: str
+    recipe: dict[str, Any]
+    models: list[ModelRow] = field(default_factory=list)
+
+    def model(self, stage: str) -> Optional[ModelRow]:
+        return next((m for m in self.models if m.stage == stage), None)
