@@ -130,3 +130,11 @@ def test_the_checker_sees_a_cycle_and_an_upward_edge():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
     assert layer_of("model.llama") < layer_of("train.trainer") < layer_of("train.stage") < layer_of("cli")
+
+
+def test_the_readme_file_map_names_every_module():
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    missing = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py"))
+               if p.name != "__init__.py" and str(p.relative_to(SRC)) not in layout and p.name not in layout]
+    assert not missing, f"README's Layout section does not list: {missing}"

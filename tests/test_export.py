@@ -143,7 +143,7 @@ def test_export_files_config_and_weight_names(exported, model_dirs):
     assert gen["eos_token_id"] == [3, 0] and gen["pad_token_id"] == 1
 
 
-def test_model_card_has_the_seed_sections(exported):
+def test_model_card_has_the_published_cards_sections(exported):
     card = (exported["sft"] / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n")
     for heading in ("## Use", "## Architecture", "## Training", "## Evaluation", "## Intended use and limits"):

@@ -55,7 +55,7 @@ def test_resolve_suite_writes_task_yamls_for_local_files(tmp_path):
 
     mc = yaml.safe_load((tmp_path / "tasks" / "llm_maker_python_mc.yaml").read_text())
     assert mc["output_type"] == "multiple_choice" and mc["dataset_kwargs"]["data_files"]["test"] == str(MC)
-    seeds = resolve_suite("seeds", tmp_path / "t2")
+    seeds = resolve_suite("small-lm", tmp_path / "t2")
     assert seeds.tasks[:2] == ["hellaswag", "arc_easy"] and seeds.metrics["wikitext"] == "word_perplexity"
     assert not seeds.local_only
     assert resolve_suite(str(tmp_path / "tasks"), tmp_path / "t3").tasks == sorted(suite.tasks)  # a YAML dir

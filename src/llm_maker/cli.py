@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval", help="benchmark a model with lm-evaluation-harness (named tasks, local .jsonl files), against baselines")
     _add_model(p)
     p.add_argument("--suite", required=True,
-                   help="comma-separated: seeds, lm-eval task names, local .jsonl files, task YAML dirs")
+                   help="comma-separated: small-lm, lm-eval task names, local .jsonl files, task YAML dirs")
     p.add_argument("--baseline", action="append", metavar="[NAME=]DIR",
                    help="a local model (Hugging Face or llm-maker directory) to compare against (repeatable)")
     p.add_argument("--out", help="where results.json and table.md go (default: RUN_DIR/eval/lm_eval)")

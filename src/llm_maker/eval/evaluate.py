@@ -5,7 +5,7 @@ What it measures, and why:
                     unigram baseline (a model that learned nothing but token frequencies)
   stop_table        the same chat prompts answered greedily by the base and the SFT model:
                     the text, whether it stopped on the template's stop token and after how
-                    many tokens (seed 004 §8: SFT teaches the model to answer *and stop*)
+                    many tokens (the LLM Maker design doc: SFT teaches a model to answer *and stop*)
   exact_match       greedy answer == reference on held-out SFT conversations
   base_completions  plain-text continuations of the recipe prompts: what pretraining learned
   models            parameter count and tokens seen

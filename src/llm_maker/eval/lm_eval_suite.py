@@ -2,7 +2,7 @@
 headline metric per task and a side-by-side table against local baseline models.
 
 TASKS is a comma-separated list of:
-  seeds            the small-model suite of SEED_SUITE: HellaSwag, ARC-Easy/Challenge and PIQA (acc_norm), WinoGrande
+  small-lm         SMALL_LM_SUITE, the benchmarks small-model cards report: HellaSwag, ARC-Easy/Challenge and PIQA (acc_norm), WinoGrande
                    and LAMBADA (acc), SciQ (acc_norm), WikiText-2 (word perplexity); their data
                    comes from the Hugging Face Hub, so it needs network (or a warm datasets cache)
   FILE.jsonl       a local task, written as an lm-eval task YAML over the file: rows with
@@ -34,7 +34,7 @@ from llm_maker.layout import FINAL, TRAIN_STAGES, run_dir_of
 from llm_maker.markdown import MISSING
 from llm_maker.tokenizer.tokenizer import Tokenizer
 
-SEED_SUITE = {  # task -> headline metric: the benchmarks small Llama-style models are usually reported on
+SMALL_LM_SUITE = {  # task -> headline metric: the benchmarks small Llama-style models are usually reported on
     "hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
     "winogrande": "acc", "lambada_openai": "acc", "sciq": "acc_norm", "wikitext": "word_perplexity"}
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
@@ -102,9 +102,9 @@ def resolve_suite(spec: str, tasks_dir: Path) -> Suite:
     suite = Suite()
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         path = Path(item)
-        if item == "seeds":
-            suite.tasks += list(SEED_SUITE)
-            suite.metrics.update(SEED_SUITE)
+        if item == "small-lm":
+            suite.tasks += list(SMALL_LM_SUITE)
+            suite.metrics.update(SMALL_LM_SUITE)
             suite.local_only = False
         elif item.endswith(".jsonl"):
             if not path.is_file():

@@ -2,12 +2,12 @@
 
 Kinds (the `kind` field), all with short answers so a tiny model trained for minutes on a CPU
 can learn to answer and, above all, to stop:
-  arithmetic          "47 + 83 =" -> "130", seed 000's format (sums and differences of ints < 100)
+  arithmetic          "47 + 83 =" -> "130", ParchmentLM-166M-Instruct's format (sums and differences of ints < 100)
   docstring           "What does `json.dumps` do?" -> the first sentence of its docstring
   repeat, first_word, last_word, word_count
                       copy/format tasks over real sentences (stdlib docstring summaries)
   multi_turn          two user/assistant exchanges that build on each other
-A quarter of the conversations open with seed 000's system prompt, so a model sees both.
+A quarter of the conversations open with ParchmentLM-166M-Instruct's system prompt, so a model sees both.
 
 Everything comes from one `random.Random(seed)` and the stdlib's docstrings (read with `ast`
 by `llm_maker.data.builtin`), so the set depends only on the seed and the Python version.
