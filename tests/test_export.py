@@ -100,7 +100,7 @@ def test_export_loads_as_llama_without_remote_code_and_matches_logits(name, mode
 def test_greedy_generation_equals_ours_token_for_token(name, model_dirs, exported, tok, prose_texts):
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported[name]).eval()
     ours, _, meta = load_model_dir(model_dirs[name])
-    stops = meta.get("stop_token_ids") or [tok.eos_id]
+    stops = meta.stop_token_ids or [tok.eos_id]
     assert hf.generation_config.eos_token_id in (stops, stops[0])
     for text in prose_texts[:3]:
         ids = tok.encode(text)[:20]

@@ -69,7 +69,7 @@ def test_import_gives_transformers_logits_and_greedy_tokens(tmp_path, texts, tie
     assert (cfg.tie_embeddings, cfg.rope_theta, cfg.norm_eps) == (tie, 5000.0, 1e-5)
     assert tok.vocab_size == cfg.vocab_size == 401 and tok.pad_id == 400  # <|pad|> appended, a row added
     assert (tok.eos_id, tok.im_start_id, tok.im_end_id) == (0, 1, 2)  # the source's own ids are kept
-    assert meta["imported_from"].endswith("smol")
+    assert meta.imported_from.endswith("smol")
     ids = tok.encode(texts[5][:200])
     with torch.no_grad():
         ours, theirs = model.eval()(torch.tensor([ids])), hf(torch.tensor([ids])).logits
@@ -94,7 +94,7 @@ def test_sft_runs_on_an_imported_model(tmp_path, texts):
 
     out = run_sft(recipe, RunPaths.of(tmp_path / "run"))
     model, tok, meta = load_model_dir(out / "final")
-    assert meta["stage"] == "sft" and meta["steps"] == 3 and model.config.vocab_size == 401
+    assert meta.stage == "sft" and meta.steps == 3 and model.config.vocab_size == 401
     hf_tok = transformers.AutoTokenizer.from_pretrained(out / "final")
     assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], return_dict=False)[0] == tok.im_start_id
 
@@ -221,7 +221,7 @@ def test_continued_pretraining_starts_from_the_imported_weights(tmp_path, texts,
     assert main(["pipeline", str(recipe)]) == 0
     start, tok0, _ = load_model_dir(imported / "pretrain" / "final")
     after, tok1, meta = load_model_dir(tmp_path / "cont" / "pretrain" / "final")
-    assert tok1.hash == tok0.hash and meta["steps"] == 1
+    assert tok1.hash == tok0.hash and meta.steps == 1
     for name, w in start.state_dict().items():  # an lr of 1e-12 leaves the imported weights in place
         assert torch.allclose(w, after.state_dict()[name], atol=1e-6), name
 

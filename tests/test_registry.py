@@ -215,12 +215,12 @@ def test_metrics_rows_reach_the_sinks(tmp_path):
     log.sinks = [Recorder()]
     log.write({"step": 10, "loss": 3.5, "val_loss": None, "lr": "1.000e-03"})
     assert scalars(logged[0]) == {"loss": 3.5, "lr": 1e-3}
-    assert open_trackers(TrainConfig(), tmp_path, {"stage": "pretrain"}) == []  # off by default
+    assert open_trackers(TrainConfig(), tmp_path, "pretrain") == []  # off by default
 
 
 def test_tensorboard_sink_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard", reason="the tracking extra is not installed")
-    (sink,) = open_trackers(TrainConfig(tensorboard=True), tmp_path, {"stage": "sft"})
+    (sink,) = open_trackers(TrainConfig(tensorboard=True), tmp_path, "sft")
     sink.log({"step": 5, "loss": 2.0})
     sink.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -316,7 +316,7 @@ def test_stage_writes_data_template_and_manifest_then_skips(tmp_path, tok, built
     held = load_conversations(paths.sft / "data" / "heldout.jsonl")
     assert len(train) + len(held) == len(convs) and held
     call = fake_trainer.calls[0]
-    assert call["meta"]["chat_template"] == "parchment" and call["meta"]["stop_token_ids"] == [tok.eos_id]
+    assert call["meta"].chat_template == "parchment" and call["meta"].stop_token_ids == [tok.eos_id]
     assert call["batches"].pad_id == tok.pad_id != tok.eos_id
     assert call["batches"].seq_len <= 128
     cfg = json.loads((paths.sft / "final" / "tokenizer_config.json").read_text())

@@ -86,7 +86,7 @@ def test_loss_falls_and_final_model_is_written(tmp_path, tokenizer, tokens):
     assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
     assert summary["val_loss"] < math.log(tokenizer.vocab_size) / 2
     model, tok, meta = load_model_dir(tmp_path / "final")
-    assert meta["tokenizer_hash"] == tokenizer.hash and meta["steps"] == 40
+    assert tok.hash == tokenizer.hash and meta.steps == 40
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000030", "step_00000040"]
 
 

@@ -36,7 +36,7 @@ from llm_maker.sft.templates import end_token, prompt_ids, stop_token_ids
 from llm_maker.train.evaluation import mean_loss
 from llm_maker.train.loss import CausalLMLoss
 from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import WEIGHTS, load_model_dir
+from llm_maker.train.checkpoint import WEIGHTS, ModelMeta, load_model_dir
 
 MODEL_NAMES = ("base", "sft")
 HELDOUT_IN_STOP_TABLE = 3  # held-out prompts added to the recipe's in the stop table
@@ -196,12 +196,12 @@ def read_heldout(path: Path) -> list[list[dict]]:
     return [c["messages"] for c in convs if len(c["messages"]) >= 2 and c["messages"][-1]["role"] == "assistant"]
 
 
-def model_info(model_dir: Path, model: LlamaModel, meta: dict[str, Any]) -> dict[str, Any]:
+def model_info(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> dict[str, Any]:
     """Parameters and tokens seen, from the model dir's config.json or else its stage manifest."""
     summary = (read_manifest(model_dir.parent) or {}).get("summary") or {}
-    return {"dir": str(model_dir), "stage": meta.get("stage"), "parameters": model.num_parameters(),
-            "tokens_seen": meta.get("tokens_seen", summary.get("tokens_seen")),
-            "steps": meta.get("steps", summary.get("steps"))}
+    return {"dir": str(model_dir), "stage": meta.stage, "parameters": model.num_parameters(),
+            "tokens_seen": meta.tokens_seen if meta.tokens_seen is not None else summary.get("tokens_seen"),
+            "steps": meta.steps if meta.steps is not None else summary.get("steps")}
 
 
 def has_model(model_dir: Path) -> bool:
@@ -236,7 +236,7 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
     if has_model(sft_dir):
         sft, _, sft_meta = load_model_dir(sft_dir, device, expected_tokenizer_hash=tokenizer.hash)
     models = {"base": base, "sft": sft}
-    template = (sft_meta or {}).get("chat_template") or recipe.sft.template
+    template = (sft_meta.chat_template if sft_meta else None) or recipe.sft.template
     ec = recipe.eval
 
     val_tokens = load_split(paths.pack, "val")

@@ -26,6 +26,7 @@ from llm_maker.layout import TRAIN_STAGES, run_dir_of
 from llm_maker.markdown import MISSING, cell, number, percent, table
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import SFTConfig, TrainConfig
+from llm_maker.train.checkpoint import ModelMeta
 
 DEFAULT_TRAIN = {"pretrain": dataclasses.asdict(TrainConfig()), "sft": dataclasses.asdict(SFTConfig().train)}
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal pretraining
@@ -177,18 +178,18 @@ def limitations(parameters: Optional[int], tokens: Optional[int], report: Option
 # The export's README.md
 # --------------------------------------------------------------------------------------
 
-def card_facts(model_dir: Path, model: LlamaModel, meta: dict[str, Any]) -> dict[str, Any]:
+def card_facts(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> dict[str, Any]:
     """Everything the card shows, read from the model dir and (when there is one) its run."""
     run = run_dir_of(Path(model_dir).resolve())
-    facts: dict[str, Any] = {"name": meta.get("recipe") or Path(model_dir).name, "stage": meta.get("stage"),
+    facts: dict[str, Any] = {"name": meta.recipe or Path(model_dir).name, "stage": meta.stage,
                              "config": model.config.to_dict(), "parameters": model.num_parameters(),
-                             "chat_template": meta.get("chat_template"), "training": [],
-                             "recipe": None, "report": None, "lm_eval": None, "imported_from": meta.get("imported_from")}
+                             "chat_template": meta.chat_template, "training": [],
+                             "recipe": None, "report": None, "lm_eval": None, "imported_from": meta.imported_from}
     if run is None:
         return facts
     recipe_file = run / "recipe.yaml"
     facts["recipe"] = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else None
-    for stage in TRAIN_STAGES[: 2 if meta.get("stage") == "sft" else 1]:
+    for stage in TRAIN_STAGES[: 2 if meta.is_chat_model else 1]:
         m = read_manifest(run / stage)
         if m and m.get("summary"):
             facts["training"].append({"stage": stage, **m["summary"], "batch_seq_len": m.get("batch_seq_len")})
@@ -235,6 +236,6 @@ def render_card(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_card(model_dir: Path, model: LlamaModel, meta: dict[str, Any]) -> str:
+def model_card(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> str:
     return render_card(card_facts(Path(model_dir), model, meta))
 

@@ -28,7 +28,7 @@ from llm_maker.errors import LLMMakerError
 from llm_maker.export.hf import eos_token_of, hf_weight_name, stop_ids_of
 from llm_maker.model.llama import LlamaConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import load_model_dir, model_state_dict
+from llm_maker.train.checkpoint import ModelMeta, load_model_dir, model_state_dict
 from llm_maker.sft.templates import hf_tokenizer_config
 
 GGUF_DTYPES = ("f16", "f32")
@@ -95,7 +95,7 @@ def vocab_for_gguf(tokenizer: Tokenizer, n_vocab: int) -> tuple[list[str], list[
     return tokens, types, merges
 
 
-def write_gguf(path: Path, tensors: dict[str, np.ndarray], cfg: LlamaConfig, tokenizer: Tokenizer, meta: dict[str, Any],
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], cfg: LlamaConfig, tokenizer: Tokenizer, meta: ModelMeta,
                chat_template: Optional[str], name: str, dtype: str, pre: Optional[str]) -> None:
     import gguf
 
@@ -153,8 +153,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, force: bool = False, dty
     model, tokenizer, meta = load_model_dir(model_dir)
     cfg = model.config
     tensors = gguf_tensors(model_state_dict(model), cfg, dtype)
-    chat_template = hf_tokenizer_config(meta.get("chat_template"), cfg.seq_len).get("chat_template")
-    name = meta.get("recipe") or model_dir.name
+    chat_template = hf_tokenizer_config(meta.chat_template, cfg.seq_len).get("chat_template")
+    name = meta.recipe or model_dir.name
     with atomic_path(out) as tmp:
-        write_gguf(tmp, tensors, cfg, tokenizer, meta, chat_template, f"{name}-{meta.get('stage', 'model')}", dtype, pre)
+        write_gguf(tmp, tensors, cfg, tokenizer, meta, chat_template, f"{name}-{meta.stage or 'model'}", dtype, pre)
     return out

@@ -28,7 +28,7 @@ from llm_maker.layout import WEIGHTS
 from llm_maker.model.llama import LlamaConfig
 from llm_maker.sft.templates import end_token, hf_tokenizer_config
 from llm_maker.tokenizer.tokenizer import EOS, Tokenizer
-from llm_maker.train.checkpoint import load_model_dir, model_state_dict
+from llm_maker.train.checkpoint import ModelMeta, load_model_dir, model_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,9 +68,9 @@ def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.flo
     return {hf_weight_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
 
-def stop_ids_of(meta: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+def stop_ids_of(meta: ModelMeta, tokenizer: Tokenizer) -> list[int]:
     """The ids generation stops on: the SFT template's stop tokens, else <|endoftext|>."""
-    ids = meta.get("stop_token_ids") or [tokenizer.eos_id]
+    ids = meta.stop_token_ids or [tokenizer.eos_id]
     return [int(i) for i in ids]
 
 
@@ -99,8 +99,8 @@ def generation_config_dict(stop_ids: list[int], pad_id: int) -> dict[str, Any]:
     return gen.to_dict()
 
 
-def eos_token_of(meta: dict[str, Any]) -> str:
-    template = meta.get("chat_template")
+def eos_token_of(meta: ModelMeta) -> str:
+    template = meta.chat_template
     return end_token(template) if template else EOS
 
 
@@ -131,7 +131,7 @@ def export_hf(model_dir: str | Path, out: str | Path, force: bool = False, dtype
         atomic_write_json(tmp / "config.json", hf_config_dict(cfg, eos_id, tokenizer.pad_id, dtype))
         atomic_write_json(tmp / "generation_config.json", generation_config_dict(stop_ids, tokenizer.pad_id))
         tokenizer.save(tmp)
-        atomic_write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(meta.get("chat_template"), cfg.seq_len))
+        atomic_write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(meta.chat_template, cfg.seq_len))
         atomic_write_text(tmp / "README.md", card)
     return out
 

@@ -29,7 +29,7 @@ from llm_maker.export.hf import check_export_target
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
-from llm_maker.train.checkpoint import write_model_files
+from llm_maker.train.checkpoint import ModelMeta, write_model_files
 
 SKIPPED_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed here
 
@@ -149,7 +149,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     model = LlamaModel(cfg)
     model.load_state_dict(sd, strict=True)
     fp = fingerprint({"imported_from": str(hf_dir.resolve()), "tokenizer_hash": tokenizer.hash, "model": cfg.to_dict()})
-    meta = {"stage": "pretrain", "recipe": hf_dir.name, "fingerprint": fp, "imported_from": str(hf_dir.resolve())}
+    meta = ModelMeta(stage="pretrain", recipe=hf_dir.name, fingerprint=fp, imported_from=str(hf_dir.resolve()))
     with atomic_dir(out) as tmp:
         (tmp / "tokenizer").mkdir()
         tokenizer.save(tmp / "tokenizer")

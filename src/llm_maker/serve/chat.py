@@ -69,7 +69,7 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
 
     say(f"Chatting with {model_dir} ({model.num_parameters():,} parameters, {seq_len}-token context, "
         f"template {template}). Type `clear` to start over, `exit` to leave.\n")
-    if meta.get("stage") != "sft":
+    if not meta.is_chat_model:
         say("note: this is a base (pretrained) model: it continues text and does not follow chat; "
             "expect it to ramble. Chat with the SFT model (sft/final) for answers.\n")
 

@@ -22,6 +22,7 @@ from llm_maker.devices import resolve_device
 from llm_maker.serve.rope_scaling import DynamicRope
 from llm_maker.sft.templates import stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
+from llm_maker.train.checkpoint import ModelMeta, load_model_dir
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,13 @@ class ChatEngine:
     @classmethod
     def load(cls, model_dir: str | Path, name: Optional[str] = None, template: Optional[str] = None,
              rope_scaling: Optional[float] = None, device: str = "auto") -> "ChatEngine":
-        from llm_maker.train.checkpoint import load_model_dir
-
         model_dir = Path(model_dir)
         model, tokenizer, meta = load_model_dir(model_dir, resolve_device(device))
         model.eval()
         rope = DynamicRope(model, rope_scaling) if rope_scaling and rope_scaling != 1.0 else None
         return cls(model=model, tokenizer=tokenizer, template=chat_template(meta, template),
                    name=name or default_model_name(model_dir, meta), model_dir=model_dir,
-                   stage=meta.get("stage", "unknown"), rope=rope)
+                   stage=meta.stage or "unknown", rope=rope)
 
     @property
     def context_len(self) -> int:
@@ -130,10 +129,10 @@ class ChatEngine:
         return frozenset(stop_token_ids(self.tokenizer, self.template))
 
 
-def chat_template(meta: dict[str, Any], override: Optional[str] = None) -> str:
+def chat_template(meta: ModelMeta, override: Optional[str] = None) -> str:
     """The template prompts are rendered with: `override`, else the one the model was fine-tuned
     with (config.json's chat_template), else chatml."""
-    return override or meta.get("chat_template") or "chatml"
+    return override or meta.template
 
 
 def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
@@ -141,8 +140,8 @@ def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset((tokenizer.eos_id, tokenizer.pad_id, tokenizer.im_start_id, tokenizer.im_end_id))
 
 
-def default_model_name(model_dir: Path, meta: dict[str, Any]) -> str:
+def default_model_name(model_dir: Path, meta: ModelMeta) -> str:
     """`<recipe>-<stage>` (e.g. demo-sft), else the directory's path tail."""
-    if meta.get("recipe") and meta.get("stage"):
-        return f"{meta['recipe']}-{meta['stage']}"
+    if meta.recipe and meta.stage:
+        return f"{meta.recipe}-{meta.stage}"
     return "-".join(model_dir.resolve().parts[-2:])

@@ -22,7 +22,7 @@ from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldou
 from llm_maker.sft.templates import hf_tokenizer_config, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train import trainer
-from llm_maker.train.checkpoint import load_model_dir, prepare_stage_dir
+from llm_maker.train.checkpoint import ModelMeta, load_model_dir, prepare_stage_dir
 from llm_maker.train.distributed import init_distributed
 from llm_maker.train.evaluation import token_accuracy
 from llm_maker.train.stage import multiple_choice_evaluations
@@ -92,8 +92,8 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     tc = recipe.sft.train
     batches = SFTBatches(train_enc, tc.micro_batch_size, tokenizer.pad_id, seed=tc.seed, val_encoded=heldout_enc)
 
-    meta = {"stage": "sft", "recipe": recipe.name, "fingerprint": fp, "chat_template": template,
-            "stop_token_ids": stop_token_ids(tokenizer, template), "base_model": str(paths.pretrain / "final")}
+    meta = ModelMeta(stage="sft", recipe=recipe.name, fingerprint=fp, chat_template=template,
+                     stop_token_ids=stop_token_ids(tokenizer, template), base_model=str(paths.final("pretrain")))
     evaluations = [token_accuracy_evaluation(batches, tc.eval_batches),
                    *multiple_choice_evaluations(tc, tokenizer)]
     # trainer.run_training, looked up at call time: tests substitute it

@@ -58,6 +58,51 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Model directories
 # ----------------------------------------------------------------------------------------
 
+DEFAULT_TEMPLATE = "chatml"  # the chat format of a model whose config.json names none
+
+
+@dataclass
+class ModelMeta:
+    """What a model directory's config.json says about the model besides its shape and
+    tokenizer hash: written by `write_model_files`, read by `load_model_dir`, nowhere else."""
+
+    stage: Optional[str] = None  # the stage that made it: pretrain, sft (None: a hand-made directory)
+    recipe: Optional[str] = None  # the recipe's name
+    fingerprint: Optional[str] = None  # the stage fingerprint it was trained under
+    chat_template: Optional[str] = None  # the template SFT taught it (sft/templates.py); None: a base model
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end an answer (SFT)
+    base_model: Optional[str] = None  # the model directory SFT started from
+    imported_from: Optional[str] = None  # the Hugging Face directory `import-hf` read
+    steps: Optional[int] = None  # training summary, once finished
+    tokens_seen: Optional[int] = None
+    final_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of other writers, kept as they are
+
+    @property
+    def template(self) -> str:
+        """The chat format to talk to it in."""
+        return self.chat_template or DEFAULT_TEMPLATE
+
+    @property
+    def is_chat_model(self) -> bool:
+        return self.stage == "sft"
+
+    @classmethod
+    def of(cls, meta: "ModelMeta | dict[str, Any] | None") -> "ModelMeta":
+        """A ModelMeta from itself, a config.json-style dict (unknown keys go to `extra`), or None."""
+        if isinstance(meta, ModelMeta):
+            return meta
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        raw = dict(meta or {})
+        extra = {k: raw.pop(k) for k in list(raw) if k not in names}
+        return cls(**raw, extra=extra)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {**d.pop("extra"), **{k: v for k, v in d.items() if v is not None and v != []}}
+
+
 def model_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -65,15 +110,17 @@ def model_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_model_files(directory: Path, model: LlamaModel, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
+def write_model_files(directory: Path, model: LlamaModel, tokenizer: Tokenizer,
+                      meta: ModelMeta | dict[str, Any]) -> None:
     """Write weights, config and tokenizer into an existing (temporary) directory."""
     save_file(model_state_dict(model), str(directory / WEIGHTS), metadata={"format": "pt"})
-    config = {"model": model.config.to_dict(), "tokenizer_hash": tokenizer.hash, **meta}
+    config = {"model": model.config.to_dict(), "tokenizer_hash": tokenizer.hash, **ModelMeta.of(meta).to_json()}
     atomic_write_json(directory / CONFIG, config)
     tokenizer.save(directory)
 
 
-def save_model_dir(out_dir: str | Path, model: LlamaModel, tokenizer: Tokenizer, meta: dict[str, Any]) -> Path:
+def save_model_dir(out_dir: str | Path, model: LlamaModel, tokenizer: Tokenizer,
+                   meta: ModelMeta | dict[str, Any]) -> Path:
     """Write a complete model directory atomically (temp dir, then rename)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -82,6 +129,7 @@ def save_model_dir(out_dir: str | Path, model: LlamaModel, tokenizer: Tokenizer,
 
 
 def read_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json as stored: {"model": ..., "tokenizer_hash": ..., ModelMeta's fields}."""
     p = Path(model_dir) / CONFIG
     if not p.is_file():
         raise CheckpointError(f"{model_dir}: no {CONFIG}; not a model directory")
@@ -89,16 +137,18 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu",
-                   expected_tokenizer_hash: Optional[str] = None) -> tuple[LlamaModel, Tokenizer, dict[str, Any]]:
-    """Load (model, tokenizer, config) from a model directory or a training checkpoint."""
+                   expected_tokenizer_hash: Optional[str] = None) -> tuple[LlamaModel, Tokenizer, ModelMeta]:
+    """Load (model, tokenizer, metadata) from a model directory or a training checkpoint."""
     model_dir = Path(model_dir)
-    meta = read_model_config(model_dir)
-    if expected_tokenizer_hash is not None and meta.get("tokenizer_hash") != expected_tokenizer_hash:
+    config = read_model_config(model_dir)
+    if expected_tokenizer_hash is not None and config.get("tokenizer_hash") != expected_tokenizer_hash:
         raise CheckpointError(
-            f"{model_dir}: the checkpoint was trained with tokenizer {meta.get('tokenizer_hash')}, "
+            f"{model_dir}: the checkpoint was trained with tokenizer {config.get('tokenizer_hash')}, "
             f"but this run's tokenizer is {expected_tokenizer_hash}; retrain or point at the matching tokenizer"
         )
-    cfg = LlamaConfig(**meta["model"])
+    cfg = LlamaConfig(**config.pop("model"))
+    config.pop("tokenizer_hash", None)
+    meta = ModelMeta.of(config)
     model = LlamaModel(cfg)
     load_weights(model, model_dir / WEIGHTS)
     tokenizer = Tokenizer.load(model_dir)
@@ -133,7 +183,7 @@ def full_model(model: LlamaModel, ctx: DistContext) -> Optional[LlamaModel]:
     return gathered
 
 
-def save_final_model(out_dir: Path, model: LlamaModel, tokenizer: Tokenizer, meta: dict[str, Any],
+def save_final_model(out_dir: Path, model: LlamaModel, tokenizer: Tokenizer, meta: ModelMeta,
                      ctx: DistContext = DistContext()) -> Path:
     """final/: the whole model (gathered from every rank's shard under FSDP2), written by rank 0."""
     whole = full_model(model, ctx)
@@ -187,7 +237,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_root: str | Path, model: LlamaModel, optimizer: Any, tokenizer: Tokenizer,
-                    meta: dict[str, Any], state: TrainState, grad_accum_steps: int, keep: int,
+                    meta: ModelMeta, state: TrainState, grad_accum_steps: int, keep: int,
                     ctx: DistContext = DistContext(), sharded: bool = False) -> Path:
     """Write checkpoints/step_N (N = state.step) atomically, then prune all but the newest `keep`.
 
@@ -221,12 +271,12 @@ def save_checkpoint(ckpt_root: str | Path, model: LlamaModel, optimizer: Any, to
 def load_checkpoint(ckpt: Path, model: LlamaModel, optimizer: Any, tokenizer: Tokenizer) -> TrainState:
     """Restore weights, optimizer state (from a checkpoint of any world size) and RNG into this
     run; refuse a checkpoint of another tokenizer or model shape."""
-    meta = read_model_config(ckpt)
-    if meta.get("tokenizer_hash") != tokenizer.hash:
-        raise CheckpointError(f"{ckpt}: trained with tokenizer {meta.get('tokenizer_hash')}, but this run's "
+    config = read_model_config(ckpt)
+    if config.get("tokenizer_hash") != tokenizer.hash:
+        raise CheckpointError(f"{ckpt}: trained with tokenizer {config.get('tokenizer_hash')}, but this run's "
                               f"tokenizer is {tokenizer.hash}; use --force to start over")
-    if meta["model"] != model.config.to_dict():
-        raise CheckpointError(f"{ckpt}: model shape {meta['model']} differs from the recipe's "
+    if config["model"] != model.config.to_dict():
+        raise CheckpointError(f"{ckpt}: model shape {config['model']} differs from the recipe's "
                               f"{model.config.to_dict()}; use --force to start over")
     if (ckpt / DCP_DIR).is_dir():
         state = _dcp_state(model, optimizer)

@@ -16,7 +16,7 @@ from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
 from llm_maker.devices import resolve_device
 from llm_maker.eval.multiple_choice import training_hook
-from llm_maker.train.checkpoint import load_model_dir, prepare_stage_dir
+from llm_maker.train.checkpoint import ModelMeta, load_model_dir, prepare_stage_dir
 from llm_maker.train.distributed import init_distributed, local_device
 from llm_maker.train.trainer import Evaluation, run_training
 
@@ -89,7 +89,7 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     # batch source is the one-process one and a step sees the same blocks on any number of ranks.
     batches = PretrainBatches(load_split(paths.pack, "train"), cfg.seq_len, tc.micro_batch_size, seed=tc.seed,
                               val_tokens=load_split(paths.pack, "val"), device=device)
-    meta = {"stage": "pretrain", "recipe": recipe.name, "fingerprint": fp}
+    meta = ModelMeta(stage="pretrain", recipe=recipe.name, fingerprint=fp)
     summary = run_training(model, batches, tc, out, tokenizer, meta, resume=resume,
                            evaluations=multiple_choice_evaluations(tc, tokenizer))
     if summary["stopped"] or not ctx.is_main:

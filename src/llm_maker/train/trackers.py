@@ -61,14 +61,14 @@ class WandbSink:
         self.run.finish()
 
 
-def open_trackers(tc: Any, out_dir: Path, meta: Optional[dict[str, Any]] = None) -> list[MetricSink]:
-    """The sinks `tc` (a TrainConfig) switches on, for the stage writing to `out_dir`."""
-    meta = meta or {}
-    stage = meta.get("stage") or Path(out_dir).name
+def open_trackers(tc: Any, out_dir: Path, stage: Optional[str] = None, run_name: Optional[str] = None
+                  ) -> list[MetricSink]:
+    """The sinks `tc` (a TrainConfig) switches on, for `stage` (default: out_dir's name) of `run_name`."""
+    stage = stage or Path(out_dir).name
     sinks: list[MetricSink] = []
     if getattr(tc, "tensorboard", False):
         sinks.append(TensorBoardSink(Path(out_dir) / "tensorboard", stage))
     if getattr(tc, "wandb", False):
         config = dataclasses.asdict(tc) if dataclasses.is_dataclass(tc) else {}
-        sinks.append(WandbSink(Path(out_dir), tc.wandb_project, f"{meta.get('recipe', 'run')}-{stage}", config))
+        sinks.append(WandbSink(Path(out_dir), tc.wandb_project, f"{run_name or 'run'}-{stage}", config))
     return sinks

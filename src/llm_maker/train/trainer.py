@@ -14,6 +14,7 @@ metrics to compute besides the validation loss is the caller's choice (`evaluati
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import itertools
@@ -36,7 +37,7 @@ from llm_maker.errors import CheckpointError
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import DEFAULT_SEED, TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import (TrainState, latest_checkpoint, load_checkpoint, save_checkpoint,
+from llm_maker.train.checkpoint import (ModelMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint,
                                         save_final_model)
 from llm_maker.train.distributed import (DistContext, agree_on_stop, barrier, gradient_sync, init_distributed,
                                          local_device, mean_over_ranks, rank_micro_batches, to_float, wrap_model)
@@ -182,7 +183,7 @@ class _Run:
     tc: TrainConfig
     out_dir: Path
     tokenizer: Tokenizer
-    meta: dict[str, Any]
+    meta: ModelMeta
     batches: BatchSource
     evaluations: Sequence[Evaluation]
     ctx: DistContext
@@ -205,21 +206,21 @@ class _Run:
 
 
 def run_training(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
-                 meta: dict[str, Any], resume: bool = False,
+                 meta: ModelMeta | dict[str, Any], resume: bool = False,
                  evaluations: Sequence[Evaluation] = ()) -> dict[str, Any]:
     """Train to tc.max_steps (or until asked to stop); returns a summary dict.
 
     Writes out_dir/checkpoints/step_*/, out_dir/metrics.csv and, when finished, out_dir/final/
     (whose config.json carries `meta`). At every eval step the validation loss and each of
     `evaluations` are computed and logged."""
-    run = _setup(model, batches, tc, Path(out_dir), tokenizer, meta, resume, evaluations)
+    run = _setup(model, batches, tc, Path(out_dir), tokenizer, ModelMeta.of(meta), resume, evaluations)
     with run.stop.installed():
         stopped_by = _loop(run)
     return _finish(run, stopped_by)
 
 
 def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
-           meta: dict[str, Any], resume: bool, evaluations: Sequence[Evaluation]) -> _Run:
+           meta: ModelMeta, resume: bool, evaluations: Sequence[Evaluation]) -> _Run:
     ckpt_root = out_dir / "checkpoints"
     ctx = init_distributed(resolve_device(tc.device))  # torchrun's ranks; one process: nothing to do
     device = local_device(resolve_device(tc.device), ctx)
@@ -242,7 +243,7 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=state.step if ckpt is not None else None,
                          write=ctx.is_main)
     if ctx.is_main:
-        metrics.sinks = open_trackers(tc, out_dir, meta)  # TensorBoard / W&B when the recipe asks
+        metrics.sinks = open_trackers(tc, out_dir, meta.stage, meta.recipe)  # TensorBoard / W&B when the recipe asks
     if tc.compile:
         train_module = torch.compile(train_module)
     return _Run(tc=tc, out_dir=out_dir, tokenizer=tokenizer, meta=meta, batches=batches, evaluations=evaluations,
@@ -326,8 +327,8 @@ def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
                "stopped_by": stopped_by, "parameters": run.model.num_parameters(), "device": str(run.device),
                "world_size": run.ctx.world_size, "precision": PRECISION_NAMES[run.amp_dtype], "final_dir": None}
     if stopped_by is None:
-        final_meta = {**run.meta, "steps": state.step, "tokens_seen": state.tokens_seen, "final_loss": state.loss,
-                      "val_loss": state.val_loss}
+        final_meta = dataclasses.replace(run.meta, steps=state.step, tokens_seen=state.tokens_seen,
+                                         final_loss=state.loss, val_loss=state.val_loss)
         summary["final_dir"] = str(save_final_model(run.out_dir / "final", run.model, run.tokenizer, final_meta,
                                                     run.ctx))
     return summary
