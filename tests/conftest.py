@@ -6,28 +6,12 @@ anything). They take about a second to build on 2 cores.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
-
-import pyarrow as pa
 
 import pytest
+from helpers import prose_paragraphs, write_jsonl
 
 from llm_maker.recipe import DataConfig, PackConfig, SourceConfig, TokenizerConfig
-
-
-def prose_paragraphs(min_chars: int = 80) -> list[str]:
-    """Paragraphs of CPython's pydoc topics: ~1500 real English paragraphs, ~416K chars, fixed order."""
-    from pydoc_data.topics import topics
-
-    return [p.strip() for name in sorted(topics) for p in topics[name].split("\n\n") if len(p.strip()) >= min_chars]
-
-
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -68,32 +52,3 @@ def pack_dir(data_dir, tokenizer_dir) -> Path:
     from llm_maker.pack.packer import pack_tokens
 
     return pack_tokens(PackConfig(workers=1), data_dir, tokenizer_dir, data_dir.parent / "pack")
-
-
-# FineWeb-Edu's exact parquet schema, for tests of the parquet and fineweb-edu sources.
-FINEWEB_SCHEMA = pa.schema([
-    ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-    ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-    ("language_score", pa.float64()), ("token_count", pa.int64()), ("score", pa.float64()),
-    ("int_score", pa.int64()),
-])
-
-
-def fineweb_rows(texts: list[str], scores: Optional[list[float]] = None, language_scores: Optional[list[float]] = None,
-                 token_counts: Optional[list[int]] = None) -> pa.Table:
-    """A table with FineWeb-Edu's exact schema; int_score is round(score) as in the dataset."""
-    n = len(texts)
-    scores = scores or [3.1] * n
-    return pa.table({
-        "text": texts,
-        "id": [f"<urn:uuid:{i:08d}-0000-0000-0000-000000000000>" for i in range(n)],
-        "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)],
-        "date": ["2024-02-21T12:00:00Z"] * n,
-        "file_path": ["s3://commoncrawl/crawl-data/CC-MAIN-2024-10/x.warc.gz"] * n,
-        "language": ["en"] * n,
-        "language_score": language_scores or [0.95] * n,
-        "token_count": token_counts or [max(1, len(t.split())) for t in texts],
-        "score": scores,
-        "int_score": [int(round(s)) for s in scores],
-    }, schema=FINEWEB_SCHEMA)

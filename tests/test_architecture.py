@@ -13,8 +13,8 @@ down the layers below (a module may import its own layer and the layers under it
     9  pipeline     pipeline.py, summary.py
     10 cli          cli.py, __main__.py
 
-Package `__init__.py` files hold only a docstring (the top one also `__version__`), so importing one module never runs another
-package's stage code (and no cycle hides behind a re-export).
+Package `__init__.py` files hold only a docstring (the top one also `__version__`), so importing one module never
+runs another package's stage code (and no cycle hides behind a re-export).
 """
 from __future__ import annotations
 

@@ -11,15 +11,15 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 
-from conftest import write_jsonl
 from llm_maker.artifacts import read_manifest
+from llm_maker.audit import ngrams as ngrams_module
 from llm_maker.audit.contamination import audit_run, read_eval_set
 from llm_maker.audit.ngrams import ngram_hashes
-from llm_maker.audit import ngrams as ngrams_module
 from llm_maker.cli import main
-from llm_maker.data.stage import prepare_data
 from llm_maker.data.select import hash_key, split_of
+from llm_maker.data.stage import prepare_data
 from llm_maker.errors import DataError
 from llm_maker.pack.packer import pack_tokens
 from llm_maker.recipe import DataConfig, PackConfig, SourceConfig

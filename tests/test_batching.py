@@ -13,7 +13,7 @@ from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.serve.generate import answer_ids, generate
 from llm_maker.sft.templates import prompt_ids
 from llm_maker.train.checkpoint import save_model_dir
-from test_generate import make_tokenizer, random_model
+from helpers import make_tokenizer, random_model
 
 
 class RecordedJob(Job):

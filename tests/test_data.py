@@ -6,14 +6,13 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import fineweb_rows, write_jsonl
 
-from conftest import fineweb_rows, write_jsonl
 from llm_maker.artifacts import read_manifest, sha256_file
-from llm_maker.data.select import select_documents
+from llm_maker.data.builtin import builtin_documents, docstrings_of_source
+from llm_maker.data.select import SelectionCounts, hash_key, select_documents, select_hash, split_of, unit_hash
 from llm_maker.data.sources import Document
 from llm_maker.data.stage import iter_documents, prepare_data, source_signature
-from llm_maker.data.builtin import builtin_documents, docstrings_of_source
-from llm_maker.data.select import SelectionCounts, hash_key, select_hash, split_of, unit_hash
 from llm_maker.errors import DataError
 from llm_maker.recipe import DataConfig, SourceConfig
 

@@ -8,16 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import fineweb_rows, write_shard
 
 from llm_maker.artifacts import read_manifest
 from llm_maker.cli import main
-from llm_maker.data.stage import prepare_data
 from llm_maker.data.report import build_data_report, histogram_quantile, write_data_report
+from llm_maker.data.stage import prepare_data
 from llm_maker.pack.packer import pack_tokens
-from llm_maker.pack.shards import load_split
-from llm_maker.pack.shards import LENGTH_EDGES
+from llm_maker.pack.shards import LENGTH_EDGES, load_split
 from llm_maker.recipe import DataConfig, FineWebFilters, PackConfig, SourceConfig
-from test_fineweb import fineweb_rows, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_pack_writes_the_report_with_every_drop_and_its_reason(fineweb_run):
     root, texts, scores, lang = fineweb_run
     report = json.loads((root / "pack" / "data_report.json").read_text())
     n_score = sum(1 for s in scores if round(s) < 3)
-    n_lang = sum(1 for s, l in zip(scores, lang) if round(s) >= 3 and l < 0.5)
+    n_lang = sum(1 for s, ls in zip(scores, lang, strict=False) if round(s) >= 3 and ls < 0.5)
     passed = [i for i in range(len(texts)) if round(scores[i]) >= 3 and lang[i] >= 0.5]
     blanks = sum(1 for i in passed if not texts[i].strip())
     dupes = len(passed) - blanks - len({texts[i] for i in passed if texts[i].strip()})

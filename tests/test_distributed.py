@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from helpers import tiny_model
 
 from llm_maker.cli import main
 from llm_maker.errors import RecipeError
-from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -31,14 +31,16 @@ from llm_maker.train.checkpoint import list_checkpoints, load_model_dir
 from llm_maker.train.distributed import DistContext, rank_micro_batches
 from llm_maker.train.trainer import run_training
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow,  # 2 gloo ranks in subprocesses
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 STEPS, STOP_AT = 12, 7
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(max_steps=STEPS, micro_batch_size=4, grad_accum_steps=2, lr=1e-2, warmup_steps=3, eval_every=4,
+    base = dict(precision="fp32",  # equivalences to 1e-5 are checked in fp32
+                max_steps=STEPS, micro_batch_size=4, grad_accum_steps=2, lr=1e-2, warmup_steps=3, eval_every=4,
                 eval_batches=2, checkpoint_every=4, keep_checkpoints=2, log_every=2, progress=False, device="cpu")
     return TrainConfig(**{**base, **kw})
 
@@ -53,12 +55,6 @@ JOBS = [  # (run directory, mode, stop at step STOP_AT?, resume?), in order, on 
     ("fsdp2_2to2", "fsdp2", False, True),  # 2 ranks -> 2 ranks
     ("fsdp2_1to2", "fsdp2", False, True),  # stopped by one process in the fixture -> 2 ranks
 ]
-
-
-def tiny_model(vocab_size: int) -> LlamaModel:
-    torch.manual_seed(0)
-    return LlamaModel(LlamaConfig(vocab_size=vocab_size, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
-                                  seq_len=32))
 
 
 class RecordingBatches(PretrainBatches):
@@ -90,7 +86,8 @@ def _worker(rank: int, world: int, port: int, pack_dir: str, tok_dir: str, root:
     for name, mode, stop, resume in JOBS:
         out = Path(root) / name
         batches = batches_for(Path(pack_dir), stop_file=out / "STOP" if stop and rank == 0 else None)
-        summary = run_training(tiny_model(tokenizer.vocab_size), batches, config(**MODES[mode]), out, tokenizer, {},
+        model = tiny_model(tokenizer.vocab_size, seq_len=32)
+        summary = run_training(model, batches, config(**MODES[mode]), out, tokenizer, {},
                                resume=resume)
         (Path(root) / f"{name}.rank{rank}.json").write_text(json.dumps({"read": batches.read, "summary": summary}))
         if stop and rank == 0 and any(j[0] == name and j[3] for j in JOBS):
@@ -110,7 +107,8 @@ def two_rank_runs(tmp_path_factory, pack_dir, tokenizer_dir) -> Path:
     for attempt in range(2):  # a second try only for the rare race on the free port between bind and use
         root = tmp_path_factory.mktemp("ranks")
         tokenizer = Tokenizer.load(tokenizer_dir)  # one process stops a run that 2 ranks will resume
-        run_training(tiny_model(tokenizer.vocab_size), batches_for(pack_dir, stop_file=root / "fsdp2_1to2" / "STOP"),
+        run_training(tiny_model(tokenizer.vocab_size, seq_len=32),
+                     batches_for(pack_dir, stop_file=root / "fsdp2_1to2" / "STOP"),
                      config(**MODES["fsdp2"]), root / "fsdp2_1to2", tokenizer, {})
         (root / "fsdp2_1to2" / "STOP").unlink()
         try:
@@ -128,7 +126,8 @@ def one_process(tmp_path_factory, pack_dir, tokenizer_dir) -> dict[str, Path]:
     root, tokenizer = tmp_path_factory.mktemp("single"), Tokenizer.load(tokenizer_dir)
     outs = {}
     for name in ("ddp", "fsdp2"):
-        run_training(tiny_model(tokenizer.vocab_size), batches_for(pack_dir), config(**MODES[name]), root / name,
+        run_training(tiny_model(tokenizer.vocab_size, seq_len=32), batches_for(pack_dir), config(**MODES[name]),
+                     root / name,
                      tokenizer, {})
         outs[name] = root / name
     return outs
@@ -140,8 +139,8 @@ def losses(out: Path) -> list[tuple[int, float, float]]:
 
 
 def assert_same_curve(a: Path, b: Path, steps: set[int] | None = None) -> None:
-    la = {s: (l, v) for s, l, v in losses(a)}
-    lb = {s: (l, v) for s, l, v in losses(b)}
+    la = {s: (loss, v) for s, loss, v in losses(a)}
+    lb = {s: (loss, v) for s, loss, v in losses(b)}
     for step in sorted(steps or (set(la) & set(lb))):
         assert la[step][0] == pytest.approx(lb[step][0], abs=1e-5), f"loss at step {step}"
         if la[step][1] == la[step][1]:  # not NaN: a validation row
@@ -181,7 +180,7 @@ def test_fsdp2_checkpoints_hold_every_ranks_shard_and_full_weights(two_rank_runs
     ckpt = two_rank_runs / "fsdp2" / "checkpoints" / "step_00000012"
     assert sorted(p.name for p in (ckpt / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert (ckpt / "model.safetensors").is_file() and not (ckpt / "optimizer.pt").exists()
-    assert load_model_dir(ckpt)[2]["model"]["vocab_size"] == 512
+    assert load_model_dir(ckpt)[0].config.vocab_size == 512
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -192,7 +191,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(mode, two_rank_runs, one_proces
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == f"step_{STOP_AT:08d}"
     (out / "STOP").unlink()
     tokenizer = Tokenizer.load(tokenizer_dir)
-    summary = run_training(tiny_model(tokenizer.vocab_size), batches_for(pack_dir), config(**MODES[mode]), out,
+    model = tiny_model(tokenizer.vocab_size, seq_len=32)
+    summary = run_training(model, batches_for(pack_dir), config(**MODES[mode]), out,
                            tokenizer, {}, resume=True)
     assert summary["steps"] == STEPS and summary["world_size"] == 1
     assert_same_curve(out, one_process[mode], steps={10, 12})  # the full log windows after the resume

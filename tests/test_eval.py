@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_tokenizer, random_model, successor_model, training_text
 
 from llm_maker.artifacts import read_manifest, write_manifest
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
@@ -15,7 +16,6 @@ from llm_maker.layout import RunPaths
 from llm_maker.pack.shards import unigram_loss
 from llm_maker.recipe import Recipe
 from llm_maker.train.checkpoint import save_model_dir
-from test_generate import make_tokenizer, random_model, successor_model, training_text
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_stop_table_counts_stops_and_tokens(tok, words):
     chats = [("recipe", user("What is a list?")), ("heldout", user("Name a colour."))]
     table = stop_table(models, tok, chats, "chatml", 6, "cpu")
     assert table["stop_fraction"] == {"base": 0.0, "sft": 1.0}
-    for row, (source, messages) in zip(table["rows"], chats):
+    for row, (source, messages) in zip(table["rows"], chats, strict=False):
         assert row["source"] == source and row["prompt"] == messages[-1]["content"]
         assert row["base"] == {"text": " and" * 6, "stopped": False, "ended_document": False, "n_tokens": 6}
         assert row["sft"] == {"text": " the", "stopped": True, "ended_document": False, "n_tokens": 1}

@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import prose_tokens, train_tiny
 
 from llm_maker.cli import main
 from llm_maker.errors import LLMMakerError
 from llm_maker.export.card import render_card
 from llm_maker.export.hf import export_hf, hf_weight_name
-from llm_maker.model.llama import LlamaConfig, LlamaModel
+from llm_maker.model.llama import LlamaConfig
 from llm_maker.serve.generate import generate
 from llm_maker.sft.builtin import builtin_conversations
 from llm_maker.sft.templates import encode_chat, hf_tokenizer_config, prompt_ids, stop_token_ids
@@ -20,28 +21,7 @@ from llm_maker.train.checkpoint import load_model_dir, save_model_dir
 from llm_maker.train.loss import CausalLMLoss
 
 transformers = pytest.importorskip("transformers")
-
-
-def prose_tokens(tok, texts) -> np.ndarray:
-    """The documents' ids, <|endoftext|> after each (what the pack stage writes)."""
-    return np.array([i for ids in tok.encode_batch(texts) for i in ids + [tok.eos_id]], dtype=np.int64)
-
-
-def train_tiny(tokens, tok, tie: bool, steps: int = 30, seed: int = 0) -> LlamaModel:
-    """A GQA model trained a few dozen AdamW steps on real prose (not a random init)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=160,
-                      seq_len=64, tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-5)
-    model = LlamaModel(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        starts = rng.integers(0, len(tokens) - 65, 8)
-        block = torch.from_numpy(np.stack([tokens[s:s + 65] for s in starts]))
-        CausalLMLoss(model)(block[:, :-1], block[:, 1:]).backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
+pytestmark = pytest.mark.slow  # every test needs the two trained models and their HF export (~25 s to build)
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,10 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import fineweb_rows, write_shard
 
-from conftest import fineweb_rows
 from llm_maker.data import fineweb
-from llm_maker.data.stage import prepare_data
-from llm_maker.data.stage import iter_documents
+from llm_maker.data.stage import iter_documents, prepare_data
 from llm_maker.errors import DataError, RecipeError
 from llm_maker.recipe import DataConfig, FineWebFilters, SourceConfig, recipe_from_dict
 
@@ -32,12 +31,6 @@ needs_hub = pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is No
                                reason="huggingface_hub is not installed (pip install 'llm-maker[data]')")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-def write_shard(path: Path, table: pa.Table, row_group_size: int = 64) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return path
-
-
 def shard_bytes(table: pa.Table, tmp_path: Path, name: str) -> bytes:
     return write_shard(tmp_path / "src" / name, table).read_bytes()
 
@@ -156,8 +149,9 @@ def test_local_shards_are_filtered_on_the_datasets_columns(tmp_path, prose_texts
     scores = [2.5 + (i % 6) * 0.5 for i in range(300)]  # 2.5 .. 5.0, int_score 2 .. 5
     lang = [0.5 if i % 7 == 0 else 0.97 for i in range(300)]
     tokens = [50 + i for i in range(300)]
-    write_shard(tmp_path / "fw" / "000_00000.parquet", fineweb_rows(texts[:150], scores[:150], lang[:150], tokens[:150]))
-    write_shard(tmp_path / "fw" / "001_00000.parquet", fineweb_rows(texts[150:], scores[150:], lang[150:], tokens[150:]))
+    fw = tmp_path / "fw"
+    write_shard(fw / "000_00000.parquet", fineweb_rows(texts[:150], scores[:150], lang[:150], tokens[:150]))
+    write_shard(fw / "001_00000.parquet", fineweb_rows(texts[150:], scores[150:], lang[150:], tokens[150:]))
     source = local_source(tmp_path / "fw", min_int_score=4, min_language_score=0.9, max_token_count=320)
     dropped = Counter()
     docs = list(iter_documents(source, dropped))

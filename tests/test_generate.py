@@ -1,91 +1,22 @@
 """serve/generate.py: cached greedy == full recomputation, stop ids, sampling, penalties, context cap,
-UTF-8-safe streaming. Also holds the small fixtures test_chat.py and test_eval.py import."""
-import math
-
+UTF-8-safe streaming."""
 import pytest
 import torch
-from pydoc_data.topics import topics
+from helpers import UNICODE_TEXT, make_tokenizer, one_hot_logits, random_model, successor_model, table_model
 
 from llm_maker.errors import LLMMakerError
-from llm_maker.model.llama import LlamaConfig, LlamaModel
-from llm_maker.serve.generate import (apply_repetition_penalty, complete, decode_stream, filter_top_k, filter_top_p,
-                                      fit_context, generate, next_token, stream_text)
-from llm_maker.tokenizer.tokenizer import train_bpe
-
-UNICODE_TEXT = "Un café très naïve à Zürich; 日本語のテキスト; emoji 🙂 end.\n"
-
-
-def training_text(n_chars: int = 24_000) -> list[str]:
-    """A few KB of real prose (the stdlib's pydoc topics) plus some multi-byte characters."""
-    docs, total = [], 0
-    for key in sorted(topics):
-        docs.append(topics[key])
-        total += len(topics[key])
-        if total >= n_chars:
-            break
-    return docs + [UNICODE_TEXT] * 3
-
-
-def make_tokenizer(vocab_size: int = 400):
-    return train_bpe(iter(training_text()), vocab_size=vocab_size, min_frequency=2)
-
-
-def tiny_config(vocab_size: int, **kw) -> LlamaConfig:
-    base = dict(vocab_size=vocab_size, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seq_len=64)
-    return LlamaConfig(**{**base, **kw})
-
-
-def random_model(vocab_size: int, seed: int = 0, std: float = 0.2, **kw) -> LlamaModel:
-    """A random tiny model with weights far larger than the training init, so attention
-    matters and greedy choices are not near-ties."""
-    torch.manual_seed(seed)
-    model = LlamaModel(tiny_config(vocab_size, **{"tie_embeddings": False, **kw}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-    return model.eval()
-
-
-def table_model(vocab_size: int, table: dict[int, list[float] | torch.Tensor],
-                default: list[float] | torch.Tensor, **kw) -> LlamaModel:
-    """A real LlamaModel whose next-token logits depend only on the last token:
-    `table[last]` if present, else `default` (each a length-V vector).
-
-    Built by weights, not by overriding forward, so it saves and loads like any model: the
-    attention/MLP outputs are zeroed (the residual stream is the embedding), each token embeds
-    to a one-hot "slot", and the untied head maps slot s to its logits row."""
-    keys = sorted(table)
-    cfg = tiny_config(vocab_size, tie_embeddings=False, **{"d_model": 8 * math.ceil((len(keys) + 1) / 8), **kw})
-    model = LlamaModel(cfg)
-    d = cfg.d_model
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.embed_tokens.weight.zero_()
-        model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[:, 0] = torch.as_tensor(default, dtype=torch.float32) / math.sqrt(d)
-        for slot, key in enumerate(keys, start=1):
-            model.embed_tokens.weight[key] = 0.0
-            model.embed_tokens.weight[key, slot] = 1.0
-            model.lm_head.weight[:, slot] = torch.as_tensor(table[key], dtype=torch.float32) / math.sqrt(d)
-    return model.eval()
-
-
-def one_hot_logits(vocab_size: int, **values: float) -> torch.Tensor:
-    """A logits vector: 0 everywhere except the given ids (keys like t5=2.0)."""
-    v = torch.zeros(vocab_size)
-    for key, value in values.items():
-        v[int(key[1:])] = value
-    return v
-
-
-def successor_model(vocab_size: int, successor: dict[int, int], default: int) -> LlamaModel:
-    """Greedy decoding follows `successor[last]`, else `default`, with a wide margin."""
-    hot = lambda t: one_hot_logits(vocab_size, **{f"t{t}": 10.0})  # noqa: E731
-    return table_model(vocab_size, {k: hot(v) for k, v in successor.items()}, hot(default))
+from llm_maker.model.llama import LlamaModel
+from llm_maker.serve.generate import (
+    apply_repetition_penalty,
+    complete,
+    decode_stream,
+    filter_top_k,
+    filter_top_p,
+    fit_context,
+    generate,
+    next_token,
+    stream_text,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from llm_maker.errors import LLMMakerError
 from llm_maker.export.gguf_export import export_gguf, permute_for_llama_cpp
 from llm_maker.model.llama import apply_rope, rope_cos_sin
 from llm_maker.serve.generate import generate
-from llm_maker.sft.templates import hf_tokenizer_config
-from llm_maker.sft.templates import jinja_chat_template, stop_token_ids
+from llm_maker.sft.templates import hf_tokenizer_config, jinja_chat_template, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import load_model_dir, save_model_dir
 
@@ -21,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_dir, prose_texts):
-    from test_export import prose_tokens, train_tiny
+    from helpers import prose_tokens, train_tiny
 
     tok = Tokenizer.load(tokenizer_dir)
     model = train_tiny(prose_tokens(tok, prose_texts[:1200]), tok, tie=False, steps=20)
@@ -42,6 +41,7 @@ def field(reader, key):
     return reader.fields[key].contents()
 
 
+@pytest.mark.slow
 def test_tensor_names_shapes_and_dtypes(files, model_dir):
     model, _, _ = load_model_dir(model_dir)
     reader = gguf.GGUFReader(files["f16"])
@@ -63,6 +63,7 @@ def test_tensor_names_shapes_and_dtypes(files, model_dir):
                                sd["lm_head.weight"].numpy(), atol=1e-3)  # f16 rounding only
 
 
+@pytest.mark.slow
 def test_metadata(files, model_dir):
     _, tok, _ = load_model_dir(model_dir)
     r = gguf.GGUFReader(files["f16"])
@@ -100,6 +101,7 @@ def interleaved_rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray
     return out
 
 
+@pytest.mark.slow
 def test_permuted_q_k_give_our_attention_scores_under_interleaved_rope(files, model_dir):
     model, _, _ = load_model_dir(model_dir)
     cfg = model.config
@@ -129,6 +131,7 @@ def test_permutation_is_llama_cpp_s():
     assert p[:, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21, 24, 36, 27, 39, 30, 42, 33, 45]  # rows 0,4,1,5,.. per head
 
 
+@pytest.mark.slow
 def test_existing_file_is_not_replaced_without_force(tmp_path, model_dir):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep")
@@ -143,6 +146,7 @@ def test_existing_file_is_not_replaced_without_force(tmp_path, model_dir):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
+@pytest.mark.slow
 def test_llama_cpp_greedy_continuation_matches_ours(files, model_dir):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, tok, _ = load_model_dir(model_dir)

@@ -17,8 +17,8 @@ from llm_maker.export.import_hf import import_hf, llama_config_from_hf
 from llm_maker.layout import RunPaths
 from llm_maker.recipe import TokenizerConfig, recipe_from_dict
 from llm_maker.serve.generate import generate
-from llm_maker.tokenizer.stage import build_tokenizer
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer, special_token_layout
+from llm_maker.tokenizer.stage import build_tokenizer
 from llm_maker.train.checkpoint import load_model_dir
 
 transformers = pytest.importorskip("transformers")
@@ -108,7 +108,8 @@ def write_config(path, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, r"unsupported architecture \['GPT2LMHeadModel'\] \(model_type 'gpt2'\)"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+     r"unsupported architecture \['GPT2LMHeadModel'\] \(model_type 'gpt2'\)"),
     ({"model_type": "qwen2"}, "model_type 'qwen2'"),
     ({"attention_bias": True}, "`attention_bias` is True; only False"),
     ({"hidden_act": "gelu"}, "`hidden_act` is 'gelu'"),

@@ -11,8 +11,7 @@ import pytest
 
 from llm_maker.cli import main
 from llm_maker.errors import LLMMakerError
-from llm_maker.eval.lm_eval_suite import (comparison_table, go_offline, headline, resolve_suite, run_lm_eval,
-                                          win_rate)
+from llm_maker.eval.lm_eval_suite import comparison_table, go_offline, headline, resolve_suite, run_lm_eval, win_rate
 from llm_maker.eval.multiple_choice import load_mc_items, score_items
 from llm_maker.export.hf import export_hf
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -33,7 +32,7 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer_dir, prose_texts):
     """A run with a trained base model and a second, less trained one as its SFT stand-in."""
-    from test_export import prose_tokens, train_tiny
+    from helpers import prose_tokens, train_tiny
 
     tok = Tokenizer.load(tokenizer_dir)
     tokens = prose_tokens(tok, prose_texts[:1200])
@@ -82,6 +81,7 @@ def test_table_and_win_rate():
     assert table.strip().endswith("| **ours wins** | | — | 1/3 (33%) |")
 
 
+@pytest.mark.slow
 def test_native_scores_equal_lm_eval_on_the_same_task_and_model(tmp_path, run_dir):
     model_dir = run_dir / "pretrain" / "final"
     model, tok, _ = load_model_dir(model_dir)
@@ -107,6 +107,7 @@ def test_native_scores_equal_lm_eval_on_the_same_task_and_model(tmp_path, run_di
     assert headline(results, suite)["llm_maker_python_mc"]["metric"] == "acc_norm"
 
 
+@pytest.mark.slow
 def test_eval_suite_verb_writes_results_and_comparison(tmp_path, run_dir, capsys):
     out = tmp_path / "lm"
     argv = ["lm-eval", str(run_dir), "--suite", f"{MC},{CLOZE},{TEXT}", "--model", "base",
@@ -130,6 +131,7 @@ def test_eval_suite_verb_writes_results_and_comparison(tmp_path, run_dir, capsys
     assert "no_such_task_xyz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_plain_lm_eval_cli_runs_on_an_export(tmp_path, run_dir):
     """`lm_eval --model hf --model_args pretrained=DIR`: nothing else about the model is needed."""
     hf_dir = export_hf(run_dir / "sft" / "final", tmp_path / "hf")

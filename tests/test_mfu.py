@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from llm_maker.model.llama import LlamaModel
 from llm_maker.model.presets import resolve_model_config
-from llm_maker.model.llama import LlamaConfig
 from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -61,9 +61,7 @@ def test_mfu_is_achieved_over_peak_per_device():
 
 def test_metrics_rows_carry_mfu_from_tokens_per_second(tmp_path, pack_dir, tokenizer_dir):
     tokenizer = Tokenizer.load(tokenizer_dir)
-    torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
-                                   d_mlp=64, seq_len=32))
+    model = tiny_model(tokenizer.vocab_size, seq_len=32)
     batches = PretrainBatches(load_split(pack_dir, "train"), 32, 4, seed=0)
     tc = TrainConfig(max_steps=4, micro_batch_size=4, log_every=2, eval_every=4, checkpoint_every=4, progress=False,
                      device="cpu", peak_tflops=0.5)

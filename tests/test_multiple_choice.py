@@ -6,11 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 
 from llm_maker.errors import DataError
-from llm_maker.eval.multiple_choice import (MCItem, choose, encode_request, load_mc_items, loglikelihoods,
-                                            score_items, training_hook)
-from llm_maker.model.llama import LlamaConfig, LlamaModel
+from llm_maker.eval.multiple_choice import (
+    MCItem,
+    choose,
+    encode_request,
+    load_mc_items,
+    loglikelihoods,
+    score_items,
+    training_hook,
+)
 from llm_maker.tokenizer.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data"
@@ -23,9 +30,7 @@ def tok(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    return LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                                  d_mlp=128, seq_len=32)).eval()
+    return tiny_model(tok.vocab_size, d_model=64, d_mlp=128, seq_len=32).eval()
 
 
 def write(path, rows):
@@ -64,7 +69,7 @@ def test_batched_loglikelihoods_equal_one_at_a_time_sums(model, tok, prose_texts
     requests = [encode_request(tok, t[:40], " " + t[40:70], tok.eos_id) for t in prose_texts[:7]]
     requests.append(encode_request(tok, prose_texts[8][:300], " end", tok.eos_id))  # longer than seq_len: left-cut
     got = loglikelihoods(model, requests, batch_size=3)
-    for (ctx, cont), ll in zip(requests, got):
+    for (ctx, cont), ll in zip(requests, got, strict=False):
         seq = (ctx + cont)[-(model.config.seq_len + 1):]
         with torch.no_grad():
             logp = F.log_softmax(model(torch.tensor([seq[:-1]]))[0], dim=-1)  # (T, V)
@@ -83,7 +88,7 @@ def test_score_items_counts_and_hook(model, tok):
     items = load_mc_items(DATA / "python_mc.jsonl")
     r = score_items(model, tok, items, batch_size=5)
     assert r["n"] == 24 and len(r["predictions"]) == 24
-    assert r["correct"] == sum(p == i.label for (p, _), i in zip(r["predictions"], items))
+    assert r["correct"] == sum(p == i.label for (p, _), i in zip(r["predictions"], items, strict=False))
     assert r["acc"] == r["correct"] / 24 and r["acc_norm"] == r["correct_norm"] / 24
     assert score_items(model, tok, items, batch_size=24) == r  # batching does not change a prediction
     hook = training_hook(str(DATA / "python_mc.jsonl"), tok, max_items=8)
@@ -105,11 +110,10 @@ def test_pretraining_logs_multiple_choice_accuracy_at_eval_steps(tmp_path, tok, 
     from llm_maker.train.trainer import run_training
 
     ids = np.array([i for t in tok.encode_batch(prose_texts[:300]) for i in t + [tok.eos_id]], dtype=np.int64)
-    torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
-                                   d_mlp=64, seq_len=32))
+    model = tiny_model(tok.vocab_size, n_layers=1, n_heads=2, n_kv_heads=1, seq_len=32)
     tc = TrainConfig(device="cpu", max_steps=4, micro_batch_size=4, eval_every=2, eval_batches=1, checkpoint_every=4,
-                     log_every=1, warmup_steps=1, progress=False, mc_eval=str(DATA / "python_mc.jsonl"), mc_eval_items=8)
+                     log_every=1, warmup_steps=1, progress=False,
+                     mc_eval=str(DATA / "python_mc.jsonl"), mc_eval_items=8)
     batches = PretrainBatches(ids, 32, 4, seed=0, val_tokens=ids[:2000])
     run_training(model, batches, tc, tmp_path, tok, {"stage": "pretrain"},
                  evaluations=multiple_choice_evaluations(tc, tok))  # what the pretrain stage passes

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from llm_maker.errors import RecipeError
-from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig, recipe_from_dict
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -17,21 +17,16 @@ from llm_maker.train.muon import MuonWithAdamW, split_parameters
 from llm_maker.train.trainer import make_optimizer, run_training
 
 
-def tiny_model(vocab_size=512, tie=True):
-    torch.manual_seed(0)
-    return LlamaModel(LlamaConfig(vocab_size=vocab_size, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
-                                  seq_len=32, tie_embeddings=tie))
-
-
 def config(**kw):
-    base = dict(optimizer="muon", max_steps=20, micro_batch_size=4, lr=3e-2, warmup_steps=3, eval_every=10,
+    base = dict(precision="fp32",  # equivalences to 1e-5 are checked in fp32
+                optimizer="muon", max_steps=20, micro_batch_size=4, lr=3e-2, warmup_steps=3, eval_every=10,
                 eval_batches=2, checkpoint_every=10, log_every=5, progress=False, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_blocks_matrices_go_to_muon_everything_else_to_adamw(tie):
-    model = tiny_model(tie=tie)
+    model = tiny_model(512, seq_len=32, tie_embeddings=tie)
     muon, decay, no_decay = split_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in muon) == sorted(
@@ -48,7 +43,7 @@ def test_blocks_matrices_go_to_muon_everything_else_to_adamw(tie):
 
 def test_muon_step_is_an_orthogonalised_update():
     """One step from zero momentum moves a matrix by lr * 0.2 * sqrt(max(A, B)) * (an orthogonal-ish matrix)."""
-    model = tiny_model()
+    model = tiny_model(512, seq_len=32)
     opt = make_optimizer(model, config(weight_decay=0.0, lr=0.01), torch.device("cpu"))
     assert isinstance(opt, MuonWithAdamW) and len(opt.param_groups) == 3
     w = model.layers[0].mlp.up_proj.weight  # (64, 32)
@@ -63,6 +58,7 @@ def test_muon_step_is_an_orthogonalised_update():
     assert g.max() / g.min() > 3
 
 
+@pytest.mark.slow
 def test_muon_trains_and_resumes_exactly(tmp_path, pack_dir, tokenizer_dir):
     tokenizer = Tokenizer.load(tokenizer_dir)
 
@@ -75,13 +71,16 @@ def test_muon_trains_and_resumes_exactly(tmp_path, pack_dir, tokenizer_dir):
         return Stopping(load_split(pack_dir, "train"), 32, 4, seed=0, val_tokens=load_split(pack_dir, "val"))
 
     a, b = tmp_path / "a", tmp_path / "b"
-    summary = run_training(tiny_model(), batches(), config(), a, tokenizer, {})
+    summary = run_training(tiny_model(512, seq_len=32), batches(), config(), a, tokenizer, {})
     assert summary["val_loss"] < math.log(tokenizer.vocab_size) - 0.7  # well below uniform guessing (6.24)
     b.mkdir()
-    assert run_training(tiny_model(), batches(stop_at=7, out=b), config(), b, tokenizer, {})["steps"] == 8
+    summary_b = run_training(tiny_model(512, seq_len=32), batches(stop_at=7, out=b), config(), b, tokenizer, {})
+    assert summary_b["steps"] == 8
     (b / "STOP").unlink()
-    run_training(tiny_model(), batches(), config(), b, tokenizer, {}, resume=True)
-    rows = lambda d: list(csv.DictReader(open(d / "metrics.csv", newline="")))
+    run_training(tiny_model(512, seq_len=32), batches(), config(), b, tokenizer, {}, resume=True)
+
+    def rows(d):
+        return list(csv.DictReader(open(d / "metrics.csv", newline="")))
     ra, rb = rows(a), rows(b)
     assert float(rb[-1]["loss"]) == pytest.approx(float(ra[-1]["loss"]), abs=1e-5)
     wa, wb = load_model_dir(a / "final")[0].state_dict(), load_model_dir(b / "final")[0].state_dict()
@@ -89,7 +88,7 @@ def test_muon_trains_and_resumes_exactly(tmp_path, pack_dir, tokenizer_dir):
 
 
 def test_adamw_checkpoint_does_not_load_into_muon():
-    model = tiny_model()
+    model = tiny_model(512, seq_len=32)
     adamw = make_optimizer(model, config(optimizer="adamw"), torch.device("cpu"))
     muon = make_optimizer(model, config(), torch.device("cpu"))
     with pytest.raises(ValueError, match="train.optimizer: adamw"):

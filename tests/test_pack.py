@@ -5,15 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 from tokenizers import Tokenizer as HFTokenizer
 
-from conftest import write_jsonl
 from llm_maker.artifacts import read_manifest, sha256_file, write_manifest
 from llm_maker.data.stage import prepare_data
 from llm_maker.errors import DataError
+from llm_maker.pack import packer
 from llm_maker.pack.packer import choose_dtype, documents_to_tokens, pack_tokens
 from llm_maker.pack.shards import load_split, unigram_loss
-from llm_maker.pack import packer
 from llm_maker.recipe import DataConfig, PackConfig, SourceConfig
 from llm_maker.tokenizer.tokenizer import EOS, Tokenizer
 
@@ -108,6 +108,7 @@ def test_pack_skips_when_unchanged_and_speed_settings_do_not_rerun(tmp_path, dat
     assert load_split(out, "train").tolist() == load_split(pack_dir, "train").tolist()
 
 
+@pytest.mark.slow  # a process pool
 def test_small_batches_and_a_process_pool_give_identical_bytes(tmp_path, data_dir, tokenizer_dir, pack_dir,
                                                                monkeypatch):
     monkeypatch.setattr(packer, "POOL_MIN_BYTES", 0)  # use the pool even for this small split

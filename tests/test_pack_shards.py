@@ -18,9 +18,7 @@ from llm_maker.artifacts import read_manifest, sha256_file
 from llm_maker.errors import DataError
 from llm_maker.pack import packer
 from llm_maker.pack.packer import pack_tokens
-from llm_maker.pack.shards import load_split
-from llm_maker.pack.shards import ShardedTokens
-from llm_maker.pack.shards import LENGTH_EDGES, length_histogram
+from llm_maker.pack.shards import LENGTH_EDGES, ShardedTokens, length_histogram, load_split
 from llm_maker.recipe import PackConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
@@ -53,7 +51,7 @@ def test_shards_are_bounded_cut_between_documents_and_listed_with_hashes(sharded
         assert np.array_equal(np.concatenate(parts), whole)  # the same stream, cut into pieces
         lengths = split_lengths(data_dir, tokenizer_dir, split)
         ends, doc = [], 0
-        for e, part in zip(entries, parts):
+        for e, part in zip(entries, parts, strict=False):
             assert len(part) == e["tokens"] <= SHARD and part[-1] == eos
             assert e["sha256"] == sha256_file(sharded / e["file"])
             doc += e["documents"]
@@ -83,7 +81,7 @@ def test_a_sharded_split_reads_like_one_array(sharded, pack_dir):
     one, many = (PretrainBatches(t, 64, 8, seed=3, val_tokens=load_split(p, "val"))
                  for t, p in ((load_split(pack_dir, "train"), pack_dir), (tokens, sharded)))
     for index in (0, 1, 57):
-        for x, y in zip(one.micro_batch(index), many.micro_batch(index)):
+        for x, y in zip(one.micro_batch(index), many.micro_batch(index), strict=False):
             assert np.array_equal(x.numpy(), y.numpy())
     assert [v[0].tolist() for v in one.val_batches(3)] == [v[0].tolist() for v in many.val_batches(3)]
 
@@ -128,12 +126,12 @@ def test_the_pool_reads_at_most_two_batches_per_worker_ahead(tokenizer_dir, pros
             yield prose_texts[i * 10:(i + 1) * 10]
 
     out = []
-    for tokens, lengths, text_bytes in packer.encoded_batches(tok, batches(), np.dtype("<u2"), 2,
+    for tokens, _lengths, _text_bytes in packer.encoded_batches(tok, batches(), np.dtype("<u2"), 2,
                                                               tokenizer_dir / "tokenizer.json"):
         out.append(tokens)
         assert len(pulled) <= len(out) + 2 * 2  # never more than 4 batches in flight
     expected = [packer.encode_to_tokens(tok, prose_texts[i * 10:(i + 1) * 10], np.dtype("<u2")) for i in range(12)]
-    assert all(np.array_equal(a, b) for a, b in zip(out, expected)) and len(out) == 12
+    assert all(np.array_equal(a, b) for a, b in zip(out, expected, strict=False)) and len(out) == 12
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The pipeline end to end on a small corpus: SIGKILL and resume, skip when unchanged,
 bad input that leaves earlier artifacts intact."""
 import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,8 @@ import pytest
 import yaml
 
 from llm_maker.cli import main
+
+pytestmark = pytest.mark.slow  # whole-pipeline runs in subprocesses, killed and resumed
 
 RECIPE = {
     "name": "t",

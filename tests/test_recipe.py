@@ -9,8 +9,17 @@ import yaml
 from llm_maker.cli import main
 from llm_maker.errors import RecipeError
 from llm_maker.model.llama import LlamaConfig
-from llm_maker.recipe import (ModelConfigSpec, Recipe, TemplateName, TrainConfig, load_recipe, parse_override,
-                              recipe_from_dict, resolve_paths, validate_recipe)
+from llm_maker.recipe import (
+    ModelConfigSpec,
+    Recipe,
+    TemplateName,
+    TrainConfig,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+    resolve_paths,
+    validate_recipe,
+)
 from llm_maker.sft.templates import TEMPLATE_SPECS
 from llm_maker.typed_yaml import parse_dataclass
 

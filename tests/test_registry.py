@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import successor_model
 
 from llm_maker.artifacts import write_manifest
 from llm_maker.errors import LLMMakerError
 from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaConfig, count_parameters
-from llm_maker.registry.registry import scan_runs, write_card, write_registry
-from llm_maker.registry.registry import GENERATED_MARK, run_status, scan_run
-from llm_maker.train.trackers import open_trackers, scalars
 from llm_maker.recipe import TrainConfig
+from llm_maker.registry.registry import GENERATED_MARK, run_status, scan_run, scan_runs, write_card, write_registry
 from llm_maker.train.evaluation import token_accuracy
+from llm_maker.train.trackers import open_trackers, scalars
 from llm_maker.train.trainer import METRICS_FIELDS, MetricsLog
-from test_generate import successor_model
 
 DIMS = LlamaConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seq_len=64).to_dict()
 PARAMS = count_parameters(LlamaConfig(**DIMS))
@@ -82,7 +81,7 @@ def make_run(root: Path, name: str, upto: str = "eval", age_s: float = 3600, **e
                      "sft": {"text": "A sequence.", "stopped": True, "n_tokens": 4}}]},
                 "base_completions": [{"prompt": "The tuple", "greedy": " is a sequence", "sampled": "x"}]}))
         write_manifest(run / stage, stage, "fp", **fields)
-    for key, fn in extra.items():
+    for _key, fn in extra.items():
         fn(run)
     stamp = NOW - age_s
     for p in [run, *run.rglob("*")]:
@@ -118,7 +117,8 @@ def test_status_comes_from_manifests_checkpoints_and_metrics(runs):
     assert got["a-done"] == ("done", "all 6 stages finished")
     assert got["b-running"] == ("running", "pretrain step 10/40, updated 20 s ago")
     assert got["c-paused"][0] == "paused" and got["c-paused"][1].startswith("sft step 10/20 (checkpoint); resume with")
-    assert got["d-stopped"] == ("paused", f"pretrain (STOP file); resume with `llm-maker pipeline {runs}/d-stopped/recipe.yaml`")
+    assert got["d-stopped"] == ("paused",
+                                f"pretrain (STOP file); resume with `llm-maker pipeline {runs}/d-stopped/recipe.yaml`")
     assert got["e-diverged"] == ("failed", "pretrain loss became NaN/inf at step 20")
     assert got["f-crashed"] == ("failed", "pretrain stopped before its first checkpoint; rerun it")
     assert got["g-queued"] == ("paused", "next stage `pack` not started")

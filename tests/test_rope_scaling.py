@@ -9,7 +9,7 @@ import torch
 from llm_maker.errors import LLMMakerError
 from llm_maker.serve.generate import generate
 from llm_maker.serve.rope_scaling import DynamicRope, dynamic_ntk_theta
-from test_generate import random_model
+from helpers import random_model
 
 TRAINED = 32  # the test model's context
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a live uvicorn server per module, many concurrent clients
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 import uvicorn  # noqa: E402
 
@@ -20,7 +21,7 @@ from llm_maker.serve.generate import generate  # noqa: E402
 from llm_maker.serve.server import ServeSettings, create_app  # noqa: E402
 from llm_maker.sft.templates import prompt_ids  # noqa: E402
 from llm_maker.train.checkpoint import save_model_dir  # noqa: E402
-from test_generate import make_tokenizer, one_hot_logits, random_model, table_model  # noqa: E402
+from helpers import make_tokenizer, one_hot_logits, random_model, table_model  # noqa: E402
 
 REPLY = " The class of a module"  # what the scripted model answers, whatever it is asked
 

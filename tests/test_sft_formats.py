@@ -7,12 +7,11 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from helpers import tiny_model
 
 from llm_maker.artifacts import read_manifest, write_manifest
 from llm_maker.errors import CheckpointError, DataError, RecipeError
 from llm_maker.layout import RunPaths
-from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.recipe import SFTDataConfig, SFTSourceConfig, recipe_from_dict
 from llm_maker.sft.builtin import builtin_conversations
 from llm_maker.sft.dataset import split_heldout
@@ -148,7 +147,8 @@ def test_mixture_strips_system_messages_then_dedups_across_sources(tmp_path):
     mix = [SFTSourceConfig(source=a), SFTSourceConfig(source=b, weight=1.0)]
     convs, stats = load_sft_data(SFTDataConfig(mixture=mix, strip_system=True), 0, "k")
     assert [c["messages"] for c in convs] == [chat("Hi", "Hello."), chat("Bye", "Goodbye."), chat("New", "Yes.")]
-    assert [(s["system_stripped"], s["duplicates"], s["in_mixture"]) for s in stats["sources"]] == [(1, 0, 2), (0, 2, 1)]
+    counts = [(s["system_stripped"], s["duplicates"], s["in_mixture"]) for s in stats["sources"]]
+    assert counts == [(1, 0, 2), (0, 2, 1)]
     kept_system, stats = load_sft_data(SFTDataConfig(mixture=mix), 0, "k")  # system kept: "Hi" differs
     assert len(kept_system) == 4 and stats["sources"][1]["duplicates"] == 1
     no_dedup, _ = load_sft_data(SFTDataConfig(mixture=mix, dedup=False), 0, "k")
@@ -183,9 +183,7 @@ def test_the_sft_stage_trains_on_a_mixture_and_records_it(tmp_path, monkeypatch)
     paths = RunPaths.of(tmp_path / "run")
     tok.save(paths.tokenizer)
     write_manifest(paths.tokenizer, "tokenizer", "tokfp")
-    torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
-                                   d_mlp=64, seq_len=128))
+    model = tiny_model(tok.vocab_size, n_layers=1, n_heads=2, n_kv_heads=1, seq_len=128)
     save_model_dir(paths.pretrain / "final", model, tok, {"stage": "pretrain"})
     write_manifest(paths.pretrain, "pretrain", "prefp")
     calls = []
@@ -197,7 +195,8 @@ def test_the_sft_stage_trains_on_a_mixture_and_records_it(tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "run_training", fake_training)
     a = jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(30)])
-    d = jsonl(tmp_path / "dolly.jsonl", [{"instruction": f"W{i}", "context": "", "response": f"R{i}"} for i in range(20)])
+    d = jsonl(tmp_path / "dolly.jsonl",
+              [{"instruction": f"W{i}", "context": "", "response": f"R{i}"} for i in range(20)])
     recipe = recipe_from_dict({"run_dir": str(paths.root), "sft": {"data": {
         "mixture": [{"source": a, "weight": 2}, {"source": d, "format": "dolly"}], "heldout_fraction": 0.2},
         "train": {"max_steps": 2, "progress": False, "device": "cpu"}}})

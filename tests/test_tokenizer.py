@@ -10,9 +10,8 @@ from tokenizers import models, pre_tokenizers, trainers
 from llm_maker.artifacts import read_manifest
 from llm_maker.errors import LLMMakerError, RecipeError
 from llm_maker.recipe import TokenizerConfig
-from llm_maker.tokenizer.stage import build_tokenizer, bytes_per_token
+from llm_maker.tokenizer.stage import build_tokenizer, bytes_per_token, capped_training_texts
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
-from llm_maker.tokenizer.stage import capped_training_texts
 
 UNICODE_SAMPLES = [
     "plain ASCII, with punctuation: (a+b)*c != d; {x: 1}",

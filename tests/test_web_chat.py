@@ -14,20 +14,19 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # a headless browser against a live server
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason="headless browser test needs Debian's chromium and chromium-driver "
-           "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
+           "(apt-get install -y chromium chromium-driver; .ci/run installs them)")]
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
+from helpers import REPLY, make_tokenizer, running_server, save_chat_model, scripted_model  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from llm_maker.serve.server import ServeSettings, create_app  # noqa: E402
-from test_server import REPLY, running_server, save_chat_model, scripted_model  # noqa: E402
-from test_generate import make_tokenizer  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

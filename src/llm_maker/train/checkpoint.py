@@ -207,6 +207,8 @@ class TrainState:
     val_loss: Optional[float] = None  # at the last eval step
     evals: dict[str, Any] = field(default_factory=dict)  # the caller's evaluations at the last eval step
     window_start_step: int = 0  # the previous logged row's step: the loss accumulated since covers the steps after it
+    skipped_steps: int = 0  # fp16: steps skipped because their gradients overflowed
+    scaler: Optional[dict[str, Any]] = None  # fp16: torch.amp.GradScaler's state (scale, growth tracker)
 
     def to_json(self, grad_accum_steps: int) -> dict[str, Any]:
         # micro_batch_index: the data cursor, for a reader of the checkpoint (batches are a pure

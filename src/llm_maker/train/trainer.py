@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
+from torch.amp import GradScaler
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from llm_maker.artifacts import atomic_write_text
-from llm_maker.devices import autocast, resolve_device, resolve_precision
+from llm_maker.devices import autocast, device_caps, precision_name, resolve_device, resolve_precision
 from llm_maker.errors import CheckpointError
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import DEFAULT_SEED, TrainConfig
@@ -49,8 +50,7 @@ from llm_maker.train.schedule import cosine_lr
 from llm_maker.train.trackers import open_trackers
 
 METRICS_FIELDS = ["step", "tokens", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                  "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm"]
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+                  "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm", "skipped_steps"]
 
 
 class BatchSource(Protocol):
@@ -155,25 +155,46 @@ class MetricsLog:
 
 def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any, batches: BatchSource,
                micro_batch_indices: list[int], tc: TrainConfig, device: torch.device,
-               amp_dtype: Optional[torch.dtype], loss_acc: torch.Tensor) -> torch.Tensor:
+               amp_dtype: Optional[torch.dtype], loss_acc: torch.Tensor, scaler: Optional[GradScaler] = None,
+               ctx: DistContext = DistContext()) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches: forward, backward (the gradient of their
     mean loss), clip, step; returns the grad norm. `train_module(x, y)` is the loss (a
     `CausalLMLoss`, maybe wrapped). Adds the mean loss to `loss_acc` on the device: nothing here
-    waits for the GPU, so the host queues the next step while this one runs."""
+    waits for the GPU, so the host queues the next step while this one runs.
+
+    fp16 (`scaler`): the loss is scaled before backward so small gradients survive float16; the
+    gradients are unscaled before clipping; a step whose gradients overflowed is skipped (on every
+    rank alike) and the scale halved, as torch.amp.GradScaler does."""
     n = len(micro_batch_indices)
     for i, index in enumerate(micro_batch_indices):
         x, y = batches.micro_batch(index)
         with gradient_sync(train_module, last_micro_batch=i == n - 1):
             with autocast(device, amp_dtype):
                 loss = train_module(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / n).backward()
+            (loss / n if scaler is None else scaler.scale(loss / n)).backward()
         loss_acc += loss.detach() / n
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # true gradients before clipping
+        agree_on_overflow(scaler, optimizer, ctx)
     grad_norm = torch.zeros(())
     if tc.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when an inf/nan gradient was found
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def agree_on_overflow(scaler: GradScaler, optimizer: Any, ctx: DistContext) -> None:
+    """Under FSDP2 each rank unscales only its shard, so an overflow may show on one rank alone:
+    share it (max over ranks), so every rank skips the same steps and keeps the same scale."""
+    if not ctx.enabled:
+        return
+    for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        mean_over_ranks(found_inf, ctx)  # > 0 on every rank when any rank found one
 
 
 @dataclass
@@ -189,6 +210,7 @@ class _Run:
     ctx: DistContext
     device: torch.device
     amp_dtype: Optional[torch.dtype]
+    scaler: Optional[GradScaler]  # fp16 only: dynamic loss scaling
     model: LlamaModel
     loss_module: CausalLMLoss  # the model with its loss, for evaluation (FSDP2's root under fsdp2)
     train_module: torch.nn.Module  # what forward/backward runs through: DDP / compiled / loss_module
@@ -225,7 +247,11 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     ctx = init_distributed(resolve_device(tc.device))  # torchrun's ranks; one process: nothing to do
     device = local_device(resolve_device(tc.device), ctx)
     rank_micro_batches(0, tc.grad_accum_steps, ctx)  # grad_accum_steps must split over the ranks: check first
-    amp_dtype = resolve_precision(tc.precision, device)
+    amp_dtype = resolve_precision(tc.precision, device)  # a clear error before any compute if the device cannot
+    scaler = GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if ctx.is_main and tc.progress:
+        print(f"precision: {precision_name(amp_dtype)} on {device_caps(device).name} (train.precision: {tc.precision})",
+              flush=True)
     torch.manual_seed(tc.seed if tc.seed is not None else DEFAULT_SEED)  # a recipe's is resolved already
     model.to(device)
     model.train()
@@ -239,6 +265,8 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     if ckpt is not None and not resume:
         raise CheckpointError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or --force to start over")
     state = load_checkpoint(ckpt, model, optimizer, tokenizer) if ckpt is not None else TrainState()
+    if scaler is not None and state.scaler is not None:
+        scaler.load_state_dict(state.scaler)  # exact resume: the same scale and growth tracker
     barrier(ctx)  # every rank has looked for checkpoints before any rank writes one
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=state.step if ckpt is not None else None,
                          write=ctx.is_main)
@@ -247,7 +275,7 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     if tc.compile:
         train_module = torch.compile(train_module)
     return _Run(tc=tc, out_dir=out_dir, tokenizer=tokenizer, meta=meta, batches=batches, evaluations=evaluations,
-                ctx=ctx, device=device, amp_dtype=amp_dtype, model=model, loss_module=loss_module,
+                ctx=ctx, device=device, amp_dtype=amp_dtype, scaler=scaler, model=model, loss_module=loss_module,
                 train_module=train_module, optimizer=optimizer, state=state, metrics=metrics,
                 stop=StopRequest([out_dir / "STOP", out_dir.parent / "STOP"]),
                 progress=_progress_bar(tc, initial=state.step, show=ctx.is_main),
@@ -263,11 +291,16 @@ def _loop(run: _Run) -> Optional[str]:
         lr = cosine_lr(state.step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        scale_before = run.scaler.get_scale() if run.scaler is not None else None
         grad_norm = train_step(run.train_module, run.model, run.optimizer, run.batches,
                                rank_micro_batches(state.step, tc.grad_accum_steps, run.ctx), tc, run.device,
-                               run.amp_dtype, loss_acc)
+                               run.amp_dtype, loss_acc, run.scaler, run.ctx)
         state.step += 1
         state.tokens_seen += run.tokens_per_step
+        if run.scaler is not None:
+            if run.scaler.get_scale() < scale_before:
+                state.skipped_steps += 1  # the scale only falls on an overflow, which skipped the step
+            state.scaler = run.scaler.state_dict()
         run.window_tokens += run.tokens_per_step
         run.progress.update(1)
 
@@ -310,10 +343,12 @@ def _log_row(run: _Run, loss_acc: torch.Tensor, lr: float, grad_norm: torch.Tens
            "loss": round(state.loss, 6), "val_loss": None if state.val_loss is None else round(state.val_loss, 6),
            "lr": f"{lr:.3e}", "grad_norm": round(to_float(grad_norm), 4), "tokens_per_s": round(tps, 1),
            "mfu": _fmt(mfu(run.flops_per_token, tps, run.peak_tflops, run.ctx.world_size)),
-           "peak_mem_mb": _peak_mem_mb(run.device), "elapsed_s": round(now - run.t0, 2), **state.evals}
+           "peak_mem_mb": _peak_mem_mb(run.device), "elapsed_s": round(now - run.t0, 2), **state.evals,
+           "skipped_steps": state.skipped_steps if run.scaler is not None else None}
     run.metrics.write(row)
     run.progress.set_postfix(loss=f"{state.loss:.3f}", val="-" if state.val_loss is None else f"{state.val_loss:.3f}",
-                             lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=row["mfu"] or "-", refresh=False)
+                             lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=row["mfu"] or "-",
+                             **({"skipped": state.skipped_steps} if run.scaler is not None else {}), refresh=False)
 
 
 def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
@@ -325,7 +360,7 @@ def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
     summary = {"steps": state.step, "max_steps": run.tc.max_steps, "tokens_seen": state.tokens_seen,
                "final_loss": state.loss, "val_loss": state.val_loss, "stopped": stopped_by is not None,
                "stopped_by": stopped_by, "parameters": run.model.num_parameters(), "device": str(run.device),
-               "world_size": run.ctx.world_size, "precision": PRECISION_NAMES[run.amp_dtype], "final_dir": None}
+               "world_size": run.ctx.world_size, "precision": precision_name(run.amp_dtype), "skipped_steps": state.skipped_steps, "final_dir": None}
     if stopped_by is None:
         final_meta = dataclasses.replace(run.meta, steps=state.step, tokens_seen=state.tokens_seen,
                                          final_loss=state.loss, val_loss=state.val_loss)
