@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 RECIPE ?= configs/demo.yaml
 
-.PHONY: install demo test bench chat clean
+.PHONY: install demo test test-fast lint bench chat clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ demo: install
 chat: install
 	$(BIN)/llm-maker chat runs/demo
 
-test: install
+lint: install
+	$(BIN)/ruff check src tests bench
+
+test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: install  # the quick tier: without the multi-process, browser, export and whole-pipeline tests
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/pretrain_throughput_cpu.py

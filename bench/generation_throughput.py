@@ -96,7 +96,8 @@ def main() -> None:
     model.eval()
     prompt = (tok.encode(" ".join(["The list type is a mutable sequence of objects."] * 20)))[:args.prompt_len]
     work = tempfile.TemporaryDirectory(prefix="llm-maker-bench-")
-    hf = AutoModelForCausalLM.from_pretrained(export_to_temp(args.model_dir, work.name), attn_implementation="sdpa").eval()
+    hf_dir = export_to_temp(args.model_dir, work.name)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
     paths = {"llm-maker, KV cache": ours_cached, "llm-maker, no cache": no_cache_greedy,
              "transformers generate, cache": hf_generate(hf, True),
              "transformers generate, no cache": hf_generate(hf, False)}
@@ -131,7 +132,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for name, v in tok_s.items():
         print(f"{name:34s} {v:10,.1f} tokens/s")
-    print(f"KV cache speedup {result['kv_cache_speedup']}x; vs transformers (cached) {result['vs_transformers_cached']}x")
+    print(f"KV cache speedup {result['kv_cache_speedup']}x; "
+          f"vs transformers (cached) {result['vs_transformers_cached']}x")
     print("server engine, tokens/s by batch size:", result["engine_batch_tokens_per_s"])
     work.cleanup()
 

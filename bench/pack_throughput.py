@@ -51,7 +51,8 @@ DATA = """
 import sys
 from llm_maker.data.stage import prepare_data
 from llm_maker.recipe import DataConfig, FineWebFilters, SourceConfig
-prepare_data(DataConfig(sources=[SourceConfig(type="fineweb-edu", path=sys.argv[1], filters=FineWebFilters(min_int_score=3))],
+FINEWEB = SourceConfig(type="fineweb-edu", path=sys.argv[1], filters=FineWebFilters(min_int_score=3))
+prepare_data(DataConfig(sources=[FINEWEB],
                         val_fraction=0.01), sys.argv[2])
 """
 
@@ -188,7 +189,7 @@ def main() -> None:
 
         sample = []
         with open(tmp / "run" / "data" / "train.jsonl", encoding="utf-8") as f:
-            for line, _ in zip(f, range(3000)):
+            for line, _ in zip(f, range(3000), strict=False):
                 sample.append(json.loads(line)["text"])
         tok = train_bpe(iter(sample), vocab_size=4096)
         tok.save(tmp / "run" / "tokenizer")

@@ -81,7 +81,8 @@ def main() -> None:
     assert n_ours == n_theirs, f"shapes differ: {n_ours} vs {n_theirs} parameters"
     x = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len))
     y = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len))
-    runs = {"llm-maker": (ours_loss, ours, optimizer_for(ours)), "transformers": (hf_loss, theirs, optimizer_for(theirs))}
+    runs = {"llm-maker": (ours_loss, ours, optimizer_for(ours)),
+            "transformers": (hf_loss, theirs, optimizer_for(theirs))}
     for loss_fn, model, opt in runs.values():  # warm-up
         timed_steps(loss_fn, model, opt, x, y, 2)
     tps: dict[str, list[float]] = {k: [] for k in runs}

@@ -26,12 +26,12 @@ from typing import Callable, Optional
 
 import torch
 
+from llm_maker.devices import resolve_device, resolve_precision
 from llm_maker.model.llama import LlamaModel
 from llm_maker.model.presets import resolve_model_config
 from llm_maker.recipe import TrainConfig
-from llm_maker.train.mfu import device_peak_tflops, mfu
-from llm_maker.devices import resolve_device, resolve_precision
 from llm_maker.train.loss import CausalLMLoss
+from llm_maker.train.mfu import device_peak_tflops, mfu
 from llm_maker.train.trainer import make_optimizer, train_step
 
 # The shapes: model preset, sequence length, micro-batch (tokens per step = batch x seq)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import prose_paragraphs, write_jsonl
 
+from helpers import prose_paragraphs, write_jsonl
 from llm_maker.recipe import DataConfig, PackConfig, SourceConfig, TokenizerConfig
 
 

@@ -11,8 +11,8 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import write_jsonl
 
+from helpers import write_jsonl
 from llm_maker.artifacts import read_manifest
 from llm_maker.audit import ngrams as ngrams_module
 from llm_maker.audit.contamination import audit_run, read_eval_set

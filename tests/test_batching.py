@@ -8,12 +8,13 @@ import time
 from typing import Any
 
 import pytest
+
+from helpers import make_tokenizer, random_model
 from llm_maker.serve.batching import Batch, GenerationWorker
 from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.serve.generate import answer_ids, generate
 from llm_maker.sft.templates import prompt_ids
 from llm_maker.train.checkpoint import save_model_dir
-from helpers import make_tokenizer, random_model
 
 
 class RecordedJob(Job):
@@ -94,7 +95,7 @@ def test_jobs_decoding_together_get_the_answers_they_would_get_alone(engine):
         batch.step()
         steps += 1
     assert max(sizes) == 4 and batch.fits(jobs[0])  # it filled up, and it is free again
-    for job, want in zip(jobs, expected):
+    for job, want in zip(jobs, expected, strict=False):
         assert job.text == want
         kind, info = job.end
         assert kind == "done" and info["prompt_tokens"] == len(job.prompt_ids)

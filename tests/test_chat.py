@@ -3,11 +3,11 @@ import io
 
 import pytest
 
+from helpers import make_tokenizer, successor_model
 from llm_maker.errors import LLMMakerError
 from llm_maker.serve.chat import chat_repl, fit_history
 from llm_maker.sft.templates import prompt_ids
 from llm_maker.train.checkpoint import save_model_dir
-from helpers import make_tokenizer, successor_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer

@@ -6,8 +6,8 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import fineweb_rows, write_jsonl
 
+from helpers import fineweb_rows, write_jsonl
 from llm_maker.artifacts import read_manifest, sha256_file
 from llm_maker.data.builtin import builtin_documents, docstrings_of_source
 from llm_maker.data.select import SelectionCounts, hash_key, select_documents, select_hash, split_of, unit_hash

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import fineweb_rows, write_shard
 
+from helpers import fineweb_rows, write_shard
 from llm_maker.artifacts import read_manifest
 from llm_maker.cli import main
 from llm_maker.data.report import build_data_report, histogram_quantile, write_data_report

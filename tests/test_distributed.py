@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.cli import main
 from llm_maker.errors import RecipeError
 from llm_maker.pack.shards import load_split

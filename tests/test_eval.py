@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tokenizer, random_model, successor_model, training_text
 
+from helpers import make_tokenizer, random_model, successor_model, training_text
 from llm_maker.artifacts import read_manifest, write_manifest
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.eval.evaluate import exact_match, read_heldout, run_eval, stop_table, validation_loss

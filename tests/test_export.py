@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import prose_tokens, train_tiny
 
+from helpers import prose_tokens, train_tiny
 from llm_maker.cli import main
 from llm_maker.errors import LLMMakerError
 from llm_maker.export.card import render_card

@@ -20,8 +20,8 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import fineweb_rows, write_shard
 
+from helpers import fineweb_rows, write_shard
 from llm_maker.data import fineweb
 from llm_maker.data.stage import iter_documents, prepare_data
 from llm_maker.errors import DataError, RecipeError

@@ -2,8 +2,8 @@
 UTF-8-safe streaming."""
 import pytest
 import torch
-from helpers import UNICODE_TEXT, make_tokenizer, one_hot_logits, random_model, successor_model, table_model
 
+from helpers import UNICODE_TEXT, make_tokenizer, one_hot_logits, random_model, successor_model, table_model
 from llm_maker.errors import LLMMakerError
 from llm_maker.model.llama import LlamaModel
 from llm_maker.serve.generate import (

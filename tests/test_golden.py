@@ -21,6 +21,7 @@ GOLDEN = Path(__file__).parent / "data" / "golden_pretrain_losses.json"
 STEPS = 50
 
 
+@pytest.mark.slow  # a 50-step pretraining run
 def test_first_50_pretraining_losses_match_the_golden_curve(tmp_path, prose_jsonl):
     demo = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
     recipe = {

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.model.llama import LlamaModel
 from llm_maker.model.presets import resolve_model_config
 from llm_maker.pack.shards import load_split

@@ -89,7 +89,7 @@ def test_batch_kv_cache_rows_continue_their_own_sequences():
             cache.remove_row(0)  # the first leaves; the last row moves into its place
             seqs[0] = seqs.pop()
         new = torch.randint(0, 97, (len(seqs), 1))
-        for s, t in zip(seqs, new[:, 0].tolist()):
+        for s, t in zip(seqs, new[:, 0].tolist(), strict=False):
             s.append(t)
         cache.select(slice(0, cache.n))
         logits = model(new, cache=cache)[:, -1]

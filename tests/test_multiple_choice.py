@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.errors import DataError
 from llm_maker.eval.multiple_choice import (
     MCItem,

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.errors import RecipeError
 from llm_maker.pack.shards import load_split
 from llm_maker.recipe import TrainConfig, recipe_from_dict

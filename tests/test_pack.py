@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import write_jsonl
 from tokenizers import Tokenizer as HFTokenizer
 
+from helpers import write_jsonl
 from llm_maker.artifacts import read_manifest, sha256_file, write_manifest
 from llm_maker.data.stage import prepare_data
 from llm_maker.errors import DataError

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import successor_model
 
+from helpers import successor_model
 from llm_maker.artifacts import write_manifest
 from llm_maker.errors import LLMMakerError
 from llm_maker.layout import RunPaths

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from helpers import random_model
 from llm_maker.errors import LLMMakerError
 from llm_maker.serve.generate import generate
 from llm_maker.serve.rope_scaling import DynamicRope, dynamic_ntk_theta
-from helpers import random_model
 
 TRAINED = 32  # the test model's context
 

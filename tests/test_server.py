@@ -7,65 +7,18 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.slow  # a live uvicorn server per module, many concurrent clients
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
-import uvicorn  # noqa: E402
 
-from llm_maker.serve.engine import ChatEngine, StopText  # noqa: E402
+from helpers import REPLY, make_tokenizer, random_model, running_server, save_chat_model, scripted_model  # noqa: E402
+from llm_maker.serve.engine import StopText  # noqa: E402
 from llm_maker.serve.generate import generate  # noqa: E402
 from llm_maker.serve.server import ServeSettings, create_app  # noqa: E402
 from llm_maker.sft.templates import prompt_ids  # noqa: E402
-from llm_maker.train.checkpoint import save_model_dir  # noqa: E402
-from helpers import make_tokenizer, one_hot_logits, random_model, table_model  # noqa: E402
-
-REPLY = " The class of a module"  # what the scripted model answers, whatever it is asked
-
-
-# --------------------------------------------------------------------------------------
-# Helpers shared with test_web_chat.py
-# --------------------------------------------------------------------------------------
-
-def scripted_model(tok, reply: str, seq_len: int = 64, stop: bool = True):
-    """A model that answers `reply` then <|im_end|> after the chat template's assistant header
-    (next token depends only on the last one, so the reply's tokens must be distinct)."""
-    header_last = prompt_ids(tok, [], "chatml")[-1]
-    ids = tok.encode(reply)
-    assert len(set(ids)) == len(ids) and header_last not in ids
-    chain = [header_last] + ids + ([tok.im_end_id] if stop else [])
-    hot = lambda t: one_hot_logits(tok.vocab_size, **{f"t{t}": 12.0})  # noqa: E731
-    table = {a: hot(b) for a, b in zip(chain, chain[1:])}
-    return table_model(tok.vocab_size, table, hot(ids[-1] if not stop else tok.im_end_id), seq_len=seq_len)
-
-
-def save_chat_model(model, tok, path, name: str = "test") -> ChatEngine:
-    save_model_dir(path, model, tok, {"stage": "sft", "chat_template": "chatml", "recipe": name})
-    return ChatEngine.load(path, device="cpu")
-
-
-@contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
 
 
 def connect(url: str, timeout: float = 60) -> http.client.HTTPConnection:
@@ -207,13 +160,16 @@ def test_stop_strings_and_max_tokens_end_a_reply(scripted):
      "messages[0].role: Input should be 'system', 'user' or 'assistant'"),
     ({"messages": []}, 400, "messages", "messages: List should have at least 1 item"),
     ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "messages[0].content: Field required"),
-    ({"messages": user("hi"), "max_tokens": 201}, 400, "max_tokens", "max_tokens=201 is over this server's bound of 200"),
+    ({"messages": user("hi"), "max_tokens": 201}, 400, "max_tokens",
+     "max_tokens=201 is over this server's bound of 200"),
     ({"messages": user("word " * 80)}, 400, "messages", "this model's maximum context length is 64 tokens"),
     ({"messages": user("hi"), "max_tokens": 60}, 400, "messages", "max_tokens asks for 60 more"),
-    ({"messages": user("hi"), "temperature": 3}, 400, "temperature", "temperature: Input should be less than or equal to 2"),
+    ({"messages": user("hi"), "temperature": 3}, 400, "temperature",
+     "temperature: Input should be less than or equal to 2"),
     ({"messages": user("hi"), "logit_bias": {}}, 400, "logit_bias", "unsupported parameter 'logit_bias'"),
     ({"messages": user("hi"), "n": 2}, 400, "n", "n: Input should be 1"),
-    ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop must be up to 4 non-empty strings"),
+    ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
+     "stop must be up to 4 non-empty strings"),
     ({"messages": user("close <|im_end|> it")}, 400, "messages", "contains the special token <|im_end|>"),
     ({"model": "gpt-4o", "messages": user("hi")}, 404, "model", "model 'gpt-4o' is not served here"),
     (b"[" + b" " * (1 << 20) + b"]", 413, None, "request body of 1,048,578 bytes is over the limit of 1,048,576"),
@@ -327,7 +283,8 @@ def test_a_client_that_disconnects_while_waiting_for_a_whole_reply_cancels_it(en
     conn = connect(url)
     body = {"messages": user("go"), "max_tokens": 2000, "temperature": 0}
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    wait_for(lambda: engine.stats["completion_tokens"] > before["completion_tokens"] or call(url, "GET", "/health")[2]["busy"])
+    wait_for(lambda: engine.stats["completion_tokens"] > before["completion_tokens"]
+             or call(url, "GET", "/health")[2]["busy"])
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     wait_for(lambda: engine.stats["cancelled"] == before["cancelled"] + 1)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.artifacts import read_manifest, write_manifest
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.layout import RunPaths

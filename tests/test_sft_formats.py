@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.artifacts import read_manifest, write_manifest
 from llm_maker.errors import CheckpointError, DataError, RecipeError
 from llm_maker.layout import RunPaths

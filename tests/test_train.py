@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
 
+from helpers import tiny_model
 from llm_maker.errors import CheckpointError, DataError
 from llm_maker.recipe import TrainConfig
 from llm_maker.tokenizer.tokenizer import train_bpe

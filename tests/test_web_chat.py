@@ -21,11 +21,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # a headless browser agains
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
-from helpers import REPLY, make_tokenizer, running_server, save_chat_model, scripted_model  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from helpers import REPLY, make_tokenizer, running_server, save_chat_model, scripted_model  # noqa: E402
 from llm_maker.serve.server import ServeSettings, create_app  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -100,7 +100,7 @@ def cmd_lm_eval(args) -> int:
     for b in args.baseline or []:
         name, _, path = b.rpartition("=")
         models[name or model_label(Path(path))] = _model_dir(path, None)  # a run, llm-maker or HF model dir
-    batch = None if args.batch_size is None else (args.batch_size if args.batch_size == "auto" else int(args.batch_size))
+    batch = args.batch_size if args.batch_size in (None, "auto") else int(args.batch_size)
     out = run_suite(models, args.suite, Path(args.out) if args.out else suite_out_dir(ours), device=args.device,
                     batch_size=batch, limit=args.limit, force=args.force)
     print((out / "table.md").read_text(encoding="utf-8"))
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("lm-eval", help="benchmark a model with lm-evaluation-harness (named tasks, local .jsonl files), against baselines")
+    p = sub.add_parser("lm-eval", help="benchmark a model with lm-evaluation-harness (named tasks, local .jsonl "
+                                       "files), against baselines")
     _add_model(p)
     p.add_argument("--suite", required=True,
                    help="comma-separated: small-lm, lm-eval task names, local .jsonl files, task YAML dirs")

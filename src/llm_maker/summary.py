@@ -53,7 +53,8 @@ def summary_lines(paths: RunPaths, results: Optional[dict[str, Any]] = None) -> 
     if val:
         base = val.get("base") or {}
         lines.append(f"  eval: base val loss {_fmt(base.get('loss'))} (ppl {_fmt(base.get('perplexity'), 1)}) "
-                     f"vs unigram baseline {_fmt(val.get('unigram_loss'))} (ppl {_fmt(val.get('unigram_perplexity'), 1)})")
+                     f"vs unigram baseline {_fmt(val.get('unigram_loss'))} "
+                     f"(ppl {_fmt(val.get('unigram_perplexity'), 1)})")
     ss = sft.get("summary", {})
     if ss:
         lines.append("SFT:")
@@ -80,8 +81,9 @@ def summary_lines(paths: RunPaths, results: Optional[dict[str, Any]] = None) -> 
         for r in rows[:6]:
             s, b = r["sft"], r["base"]
             lines.append(f"  Q: {one_line(r['prompt'], 70)}")
-            lines.append(f"     SFT : {one_line(s['text'], 70)!r}  [{'eos@' + str(s['n_tokens']) if s['stopped'] else 'no stop'}]")
-            lines.append(f"     base: {one_line(b['text'], 70)!r}  [{'eos@' + str(b['n_tokens']) if b['stopped'] else 'no stop'}]")
+            for label, answer in (("SFT ", s), ("base", b)):
+                stop = f"eos@{answer['n_tokens']}" if answer["stopped"] else "no stop"
+                lines.append(f"     {label}: {one_line(answer['text'], 70)!r}  [{stop}]")
     if (paths.eval / "report.md").is_file():
         lines.append(f"Full report: {paths.eval / 'report.md'}")
     lines.append(f"Chat with it: .venv/bin/llm-maker chat {paths.root}")

@@ -48,7 +48,7 @@ def item_from_row(row: Any, where: str) -> EvalItem:
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "choices" in row:
         context, choices, label = row.get("context"), row.get("choices"), row.get("label")
-        if not isinstance(context, str) or not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        if not (isinstance(context, str) and isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
             raise DataError(f"{where}: a multiple-choice row needs a string 'context' and a list of string 'choices'")
         if not isinstance(label, int) or not 0 <= label < len(choices):
             raise DataError(f"{where}: 'label' must be an index into the {len(choices)} choices, got {label!r}")
@@ -139,7 +139,8 @@ def set_report(name: str, items: list[EvalItem], first: int, total: np.ndarray, 
                          "file": SOURCE_FILES[match.source], "line": match.document + 1},
         })
     return {"name": name, "items": len(items), "items_scored": scored, "items_too_short": len(items) - scored,
-            "items_with_overlap": len(overlapping), "fraction_with_overlap": round(len(overlapping) / max(scored, 1), 6),
+            "items_with_overlap": len(overlapping),
+            "fraction_with_overlap": round(len(overlapping) / max(scored, 1), 6),
             "overlapping_items": overlapping.tolist(), "worst": examples}
 
 

@@ -59,7 +59,8 @@ class EvalNgrams:
     def build(cls, segment_tokens: Sequence[np.ndarray], segment_item: Sequence[int], n: int) -> "EvalNgrams":
         per = [ngram_hashes(t, n) for t in segment_tokens]
         hashes = np.concatenate(per) if per else np.empty(0, np.uint64)
-        segments = np.concatenate([np.full(len(h), s, np.int64) for s, h in enumerate(per)]) if per else np.empty(0, np.int64)
+        segments = (np.concatenate([np.full(len(h), s, np.int64) for s, h in enumerate(per)]) if per
+                    else np.empty(0, np.int64))
         positions = np.concatenate([np.arange(len(h), dtype=np.int64) for h in per]) if per else np.empty(0, np.int64)
         order = np.argsort(hashes, kind="stable")
         return cls(n, [np.asarray(t, np.int64) for t in segment_tokens], np.asarray(segment_item, np.int64),

@@ -336,13 +336,13 @@ def iter_fineweb(source: SourceConfig, dropped: Optional[Counter] = None) -> Ite
                 for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
                     keep = keep_mask(batch, filters, dropped)
                     texts = batch.column(0).filter(pa.array(keep)).to_pylist()
-                    for offset, text in zip(np.flatnonzero(keep).tolist(), texts):
+                    for offset, text in zip(np.flatnonzero(keep).tolist(), texts, strict=False):
                         if text is not None:  # a null cell is an absent document, not an error
                             yield Document(f"{name}:{row + offset}", text)
                         else:
                             dropped["null_text"] += 1
                     row += batch.num_rows
-        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a corrupt page or row group past the footer check
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a corrupt page past the footer check
             raise DataError(f"{path}: unreadable parquet data after row {row} ({e})") from None
 
 

@@ -93,7 +93,8 @@ def report_markdown(report: dict[str, Any], png: Optional[str], no_png: str = "m
         lines.append(f"| dropped: {reason} | {n:,} |")
     for split, n in report["documents_kept"].items():
         lines.append(f"| kept: {split} | {n or 0:,} |")
-    lines += ["", "## Tokens", "", "| split | tokens | shards | text bytes | mean doc tokens | median >= | p90 >= | max |",
+    lines += ["", "## Tokens", "",
+              "| split | tokens | shards | text bytes | mean doc tokens | median >= | p90 >= | max |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for split in ("train", "val"):
         d = {k: "-" if v is None else v for k, v in report["doc_length_tokens"][split].items()}

@@ -114,5 +114,5 @@ def select_documents(docs: Iterable[Document], cfg: DataConfig,
             counts.over_max_documents += 1
         else:
             counts.over_max_documents += 1
-    for _, neg_index, doc in sorted(heap, key=lambda item: -item[1]):  # back to input order
+    for _, _neg_index, doc in sorted(heap, key=lambda item: -item[1]):  # back to input order
         yield emit(doc)

@@ -26,7 +26,8 @@ class Document(NamedTuple):
 
 
 def source_label(source: SourceConfig) -> str:
-    """A short name for messages: `builtin`, `jsonl:/data/x.jsonl`, `fineweb-edu:HuggingFaceFW/fineweb-edu/sample-10BT`."""
+    """A short name for messages: `builtin`, `jsonl:/data/x.jsonl`,
+    `fineweb-edu:HuggingFaceFW/fineweb-edu/sample-10BT`."""
     if source.type == "fineweb-edu" and source.path is None:
         return f"fineweb-edu:{source.repo_id}/{source.config}"
     return source.type if source.type == "builtin" else f"{source.type}:{source.path}"

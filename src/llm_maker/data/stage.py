@@ -19,16 +19,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from llm_maker.artifacts import (atomic_dir, is_up_to_date, iter_jsonl_rows, sha256_file, stage_fingerprint,
-                                 write_manifest)
+from llm_maker.artifacts import (
+    atomic_dir,
+    is_up_to_date,
+    iter_jsonl_rows,
+    sha256_file,
+    stage_fingerprint,
+    write_manifest,
+)
 from llm_maker.data.builtin import builtin_signature
-from llm_maker.data.select import SelectionCounts, select_documents
 from llm_maker.data.fineweb import describe_files, iter_fineweb
+from llm_maker.data.select import SelectionCounts, select_documents
 from llm_maker.data.sources import READERS, Document, source_files, source_label
 from llm_maker.errors import DataError
 from llm_maker.layout import SPLITS
 from llm_maker.recipe import DataConfig, SourceConfig
-
 
 
 def iter_documents(source: SourceConfig, dropped: Optional[Counter] = None) -> Iterator[Document]:

@@ -21,8 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from llm_maker.artifacts import (is_up_to_date, read_manifest, require_manifest, stage_fingerprint,
-                                 write_manifest)
+from llm_maker.artifacts import is_up_to_date, read_manifest, require_manifest, stage_fingerprint, write_manifest
 from llm_maker.devices import resolve_device
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.eval.report import REPORT_JSON, write_report
@@ -33,10 +32,10 @@ from llm_maker.recipe import Recipe
 from llm_maker.serve.generate import REPLACEMENT_CHAR, answer_ids, complete, complete_ids, generate
 from llm_maker.sft.dataset import load_conversations
 from llm_maker.sft.templates import end_token, prompt_ids, stop_token_ids
-from llm_maker.train.evaluation import mean_loss
-from llm_maker.train.loss import CausalLMLoss
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import WEIGHTS, ModelMeta, load_model_dir
+from llm_maker.train.evaluation import mean_loss
+from llm_maker.train.loss import CausalLMLoss
 
 MODEL_NAMES = ("base", "sft")
 HELDOUT_IN_STOP_TABLE = 3  # held-out prompts added to the recipe's in the stop table
@@ -256,7 +255,8 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
         "template": template,
         "models": {"base": model_info(base_dir, base, base_meta),
                    "sft": model_info(sft_dir, sft, sft_meta) if sft is not None else None},
-        "validation": {"tokens_scored": block_len * n_blocks, "unigram_loss": unigram, "unigram_perplexity": perplexity(unigram),
+        "validation": {"tokens_scored": block_len * n_blocks, "unigram_loss": unigram,
+                       "unigram_perplexity": perplexity(unigram),
                        **{name: (None if loss is None else {"loss": loss, "perplexity": perplexity(loss)})
                           for name, loss in losses.items()}},
         "stop_table": stop_table(models, tokenizer, chats, template, ec.max_new_tokens, device),

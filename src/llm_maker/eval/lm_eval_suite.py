@@ -2,7 +2,8 @@
 headline metric per task and a side-by-side table against local baseline models.
 
 TASKS is a comma-separated list of:
-  small-lm         SMALL_LM_SUITE, the benchmarks small-model cards report: HellaSwag, ARC-Easy/Challenge and PIQA (acc_norm), WinoGrande
+  small-lm         SMALL_LM_SUITE, the benchmarks small-model cards report: HellaSwag,
+                   ARC-Easy/Challenge and PIQA (acc_norm), WinoGrande
                    and LAMBADA (acc), SciQ (acc_norm), WikiText-2 (word perplexity); their data
                    comes from the Hugging Face Hub, so it needs network (or a warm datasets cache)
   FILE.jsonl       a local task, written as an lm-eval task YAML over the file: rows with
@@ -82,7 +83,8 @@ def local_task_config(path: Path) -> tuple[dict[str, Any], str]:
                                 (("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
                                  ("bits_per_byte", "bits_per_byte"))]}, "word_perplexity"
     raise LLMMakerError(f"--suite {path}: rows need context/choices/label (multiple choice), context/continuation "
-                        f"(cloze) or text (perplexity); the first row has {sorted(first) if isinstance(first, dict) else first!r}")
+                        f"(cloze) or text (perplexity); the first row has "
+                        f"{sorted(first) if isinstance(first, dict) else first!r}")
 
 
 def yaml_task_names(path: Path) -> list[str]:

@@ -63,7 +63,8 @@ def load_mc_items(path: str | Path) -> list[MCItem]:
 # Requests and log-likelihoods (lm-eval's HF backend conventions)
 # --------------------------------------------------------------------------------------
 
-def encode_request(tokenizer: Tokenizer, context: str, continuation: str, prefix_id: int) -> tuple[list[int], list[int]]:
+def encode_request(tokenizer: Tokenizer, context: str, continuation: str,
+                   prefix_id: int) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval's HFLM encodes a loglikelihood request."""
     if context == "":
         cont = tokenizer.encode(continuation)
@@ -129,9 +130,9 @@ def score_items(model: LlamaModel, tokenizer: Tokenizer, items: list[MCItem], ba
                      for c in item.choices]
         spans.append((start, len(requests)))
     lls = loglikelihoods(model, requests, batch_size, device)
-    predictions = [choose(lls[a:b], item.choices) for item, (a, b) in zip(items, spans)]
-    correct = sum(p == item.label for (p, _), item in zip(predictions, items))
-    correct_norm = sum(p == item.label for (_, p), item in zip(predictions, items))
+    predictions = [choose(lls[a:b], item.choices) for item, (a, b) in zip(items, spans, strict=False)]
+    correct = sum(p == item.label for (p, _), item in zip(predictions, items, strict=False))
+    correct_norm = sum(p == item.label for (_, p), item in zip(predictions, items, strict=False))
     n = len(items)
     return {"n": n, "correct": correct, "correct_norm": correct_norm, "acc": correct / n if n else None,
             "acc_norm": correct_norm / n if n else None, "predictions": predictions}

@@ -66,7 +66,8 @@ def recipe_rows(train: dict[str, Any], seq_len: Optional[int]) -> list[list[Any]
     per_step = mb * accum * seq_len if isinstance(mb, int) and seq_len else None
     lr = as_float(train.get("lr"))
     return [["steps", train.get("max_steps", MISSING)],
-            ["batch", f"{mb} × {accum} accumulation" + (f" × {seq_len} tokens = {per_step:,} tokens/step" if per_step else "")],
+            ["batch", f"{mb} × {accum} accumulation"
+                      + (f" × {seq_len} tokens = {per_step:,} tokens/step" if per_step else "")],
             ["optimizer", f"{train.get('optimizer', 'adamw')} (β {train.get('beta1', 0.9)}/{train.get('beta2', 0.95)}, "
                           f"weight decay {train.get('weight_decay', 0.1)})"],
             ["learning rate", f"{lr:g} peak, {train.get('warmup_steps', MISSING)} warmup steps, cosine to "
@@ -113,7 +114,8 @@ def evaluation_section(report: Optional[dict[str, Any]], lm_eval: Optional[dict[
                         "--suite ...` for benchmarks).", ""]
     report = report or {}
     v = report.get("validation") or {}
-    rows = [[name, number(v[name]["loss"]), number(v[name]["perplexity"], 1)] for name in ("base", "sft") if v.get(name)]
+    rows = [[name, number(v[name]["loss"]), number(v[name]["perplexity"], 1)]
+            for name in ("base", "sft") if v.get(name)]
     if v.get("unigram_loss") is not None:
         rows.append(["unigram baseline", number(v["unigram_loss"]), number(v["unigram_perplexity"], 1)])
     if rows:
@@ -123,7 +125,8 @@ def evaluation_section(report: Optional[dict[str, Any]], lm_eval: Optional[dict[
     em = report.get("exact_match") or {}
     accuracy = em.get("accuracy") or {}
     score_rows = [[name, percent(stops.get(name)),
-                   f"{percent(accuracy[name], 1)} of {em.get('n_items')}" if accuracy.get(name) is not None else MISSING]
+                   f"{percent(accuracy[name], 1)} of {em.get('n_items')}"
+                   if accuracy.get(name) is not None else MISSING]
                   for name in ("base", "sft") if name in stops or name in accuracy]
     if score_rows:
         lines += ["Chat behaviour (greedy): does it stop on the template's end token, and is the answer exactly "
@@ -145,7 +148,8 @@ def samples_section(report: Optional[dict[str, Any]]) -> list[str]:
     if rows and rows[0].get("sft"):
         tag = lambda a: f"eos@{a['n_tokens']}" if a["stopped"] else "no stop"  # noqa: E731
         lines += ["Base vs SFT, the same chat prompts (greedy):", "",
-                  *table(["prompt", "base", "SFT"], [[cell(r["prompt"], 50), f"{tag(r['base'])} {cell(r['base']['text'], 60)}",
+                  *table(["prompt", "base", "SFT"], [[cell(r["prompt"], 50),
+                                                      f"{tag(r['base'])} {cell(r['base']['text'], 60)}",
                                                       f"{tag(r['sft'])} {cell(r['sft']['text'], 60)}"] for r in rows])]
     if len(lines) == 2:
         lines += ["No samples yet (they come with `llm-maker eval RECIPE`).", ""]

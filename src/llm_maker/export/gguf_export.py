@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,9 +27,9 @@ from llm_maker.artifacts import atomic_path
 from llm_maker.errors import LLMMakerError
 from llm_maker.export.hf import eos_token_of, hf_weight_name, stop_ids_of
 from llm_maker.model.llama import LlamaConfig
+from llm_maker.sft.templates import hf_tokenizer_config
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import ModelMeta, load_model_dir, model_state_dict
-from llm_maker.sft.templates import hf_tokenizer_config
 
 GGUF_DTYPES = ("f16", "f32")
 

@@ -57,7 +57,8 @@ def llama_config_from_hf(hf: dict[str, Any], where: str) -> LlamaConfig:
     if hf.get("model_type") != "llama":
         raise LLMMakerError(f"{where}: unsupported architecture {arch or '?'} (model_type {hf.get('model_type')!r}); "
                             "import-hf takes Llama-family checkpoints (model_type llama, LlamaForCausalLM)")
-    checks = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"), "attention_bias": (hf.get("attention_bias", False), False),
+    checks = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+              "attention_bias": (hf.get("attention_bias", False), False),
               "mlp_bias": (hf.get("mlp_bias", False), False), "pretraining_tp": (hf.get("pretraining_tp", 1) or 1, 1)}
     for name, (got, want) in checks.items():
         if got != want:

@@ -25,13 +25,24 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from llm_maker.artifacts import (is_up_to_date, read_manifest, require_manifest, sha256_file, stage_fingerprint,
-                                 write_manifest)
+from llm_maker.artifacts import (
+    is_up_to_date,
+    read_manifest,
+    require_manifest,
+    sha256_file,
+    stage_fingerprint,
+    write_manifest,
+)
 from llm_maker.data.stage import iter_split
-from llm_maker.layout import SPLITS
 from llm_maker.errors import DataError
-from llm_maker.pack.shards import (LENGTH_EDGES, PROGRESS, ShardedTokens, SplitWriter, open_shard, read_progress,
-                                   write_progress)
+from llm_maker.layout import SPLITS
+from llm_maker.pack.shards import (
+    LENGTH_EDGES,
+    PROGRESS,
+    SplitWriter,
+    read_progress,
+    write_progress,
+)
 from llm_maker.recipe import PackConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 

@@ -12,8 +12,13 @@ import statistics
 from typing import Any, Optional
 
 from llm_maker.artifacts import as_float
-from llm_maker.export.card import (architecture_section, evaluation_section, limitations, samples_section,
-                                   training_section)
+from llm_maker.export.card import (
+    architecture_section,
+    evaluation_section,
+    limitations,
+    samples_section,
+    training_section,
+)
 from llm_maker.layout import TRAIN_STAGES
 from llm_maker.markdown import GENERATED_MARK, MISSING, count, number, percent, table
 from llm_maker.registry.records import STATUS_ICON, RunRecord
@@ -54,7 +59,8 @@ def card_markdown(record: RunRecord, report: Optional[dict[str, Any]], lm_eval: 
         lines += architecture_section(dims, base.parameters if base else None)
     seq = dims.get("seq_len") if dims else None
     # SFT batches are padded to the longest conversation, not to the context.
-    seq_lens = {s: (v.get("manifest") or {}).get("batch_seq_len", seq) if s == "sft" else seq for s, v in stages.items()}
+    seq_lens = {s: (v.get("manifest") or {}).get("batch_seq_len", seq) if s == "sft" else seq
+                for s, v in stages.items()}
     results = [{"stage": s, **((v.get("manifest") or {}).get("summary") or {})}
                for s, v in stages.items() if (v.get("manifest") or {}).get("summary")]
     lines += training_section(recipe, results, [s for s in TRAIN_STAGES if s in stages], seq_lens)

@@ -58,7 +58,7 @@ def plot_metric(stages: dict[str, list[dict[str, str]]], columns: list[tuple[str
     if not panels:
         return None
     plt, fig, axes = _figure(len(panels))
-    for ax, (stage, rows) in zip(axes, panels.items()):
+    for ax, (stage, rows) in zip(axes, panels.items(), strict=False):
         for column, label in columns:
             every = (eval_every or {}).get(stage) if column.startswith("val_") else None
             steps, values = series(rows, column, every)

@@ -151,7 +151,8 @@ def lm_eval_scores(run: Path, stage_dir: Path) -> list[str]:
             continue
         for task, h in (results.get("headline") or {}).get(name, {}).items():
             value = h["value"]
-            out.append(f"{task} {percent(value, 1)}" if h.get("metric", "").startswith("acc") else f"{task} {value:.3g}")
+            is_accuracy = h.get("metric", "").startswith("acc")
+            out.append(f"{task} {percent(value, 1)}" if is_accuracy else f"{task} {value:.3g}")
     return out
 
 

@@ -119,7 +119,7 @@ class Batch:
         logits = self.engine.model(idx, cache=self.cache)[:, -1]  # (B, V)
         # Plain greedy rows take one argmax over the batch (one device sync, not one per row).
         greedy = [i for i, row in enumerate(self.rows) if row.plain_greedy]
-        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist(), strict=False)) if greedy else {}
         for i in reversed(range(len(self.rows))):  # backwards: a row that leaves is replaced by one already done
             self._advance(i, logits[i], picked.get(i))
 

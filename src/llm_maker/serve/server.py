@@ -31,8 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llm_maker.errors import LLMMakerError
-from llm_maker.serve.chat import fit_history
 from llm_maker.serve.batching import GenerationWorker, QueueFull
+from llm_maker.serve.chat import fit_history
 from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.sft.templates import prompt_ids
 

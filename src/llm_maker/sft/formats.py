@@ -5,7 +5,8 @@
   sharegpt   conversations: [{from: system|human|gpt, value}, ...] ShareGPT, SlimOrca
   alpaca     instruction, input, output                            Alpaca, Alpaca-GPT4
   dolly      instruction, context, response                        databricks-dolly-15k
-  squad      context, question, answers: {text: [...]}             SQuAD (extractive QA, as the LLM Maker design doc's models B/C used)
+  squad      context, question, answers: {text: [...]}             SQuAD (extractive QA; the LLM Maker
+                                                                    design doc's models B/C used it)
 `auto` reads the format off the first row's fields.
 
 A source is `builtin`, a local .jsonl / .json (one array) / .parquet file, or `hf:owner/name` or
@@ -30,8 +31,8 @@ from typing import Any, Callable, Iterator, Optional
 
 from llm_maker.artifacts import iter_jsonl_rows, sha256_file
 from llm_maker.data.builtin import builtin_signature
-from llm_maker.data.sources import PARQUET_BATCH_ROWS
 from llm_maker.data.select import hash_key, unit_hash
+from llm_maker.data.sources import PARQUET_BATCH_ROWS
 from llm_maker.errors import DataError, LLMMakerError
 from llm_maker.recipe import SFTDataConfig, SFTFormat, SFTSourceConfig
 from llm_maker.sft.builtin import builtin_conversations

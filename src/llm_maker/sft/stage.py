@@ -12,13 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llm_maker.artifacts import atomic_write_json, atomic_write_text, require_manifest, stage_fingerprint, write_manifest
+from llm_maker.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    require_manifest,
+    stage_fingerprint,
+    write_manifest,
+)
 from llm_maker.devices import resolve_device
 from llm_maker.errors import DataError
 from llm_maker.layout import RunPaths
 from llm_maker.recipe import Recipe
-from llm_maker.sft.formats import data_signature, load_sft_data
 from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
+from llm_maker.sft.formats import data_signature, load_sft_data
 from llm_maker.sft.templates import hf_tokenizer_config, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train import trainer

@@ -36,9 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from llm_maker.artifacts import atomic_dir, atomic_write_json, is_up_to_date
 from llm_maker.errors import CheckpointError
@@ -153,7 +157,8 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu",
     load_weights(model, model_dir / WEIGHTS)
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+        raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{cfg.vocab_size}")
     return model.to(device), tokenizer, meta
 
 
@@ -165,7 +170,8 @@ def load_weights(model: LlamaModel, path: Path) -> None:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
 
 
 def full_model(model: LlamaModel, ctx: DistContext) -> Optional[LlamaModel]:

@@ -26,7 +26,6 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
-
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to a floor (10% of the peak, as the LLM Maker design doc's runs and l20-edu-135m do)."""
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (10% of the peak, as the
+LLM Maker design doc's runs and l20-edu-135m do)."""
 from __future__ import annotations
 
 import math

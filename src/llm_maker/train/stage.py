@@ -6,7 +6,9 @@ from pathlib import Path
 import torch
 
 from llm_maker.artifacts import require_manifest, stage_fingerprint, write_manifest
+from llm_maker.devices import resolve_device
 from llm_maker.errors import CheckpointError, RecipeError
+from llm_maker.eval.multiple_choice import training_hook
 from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.model.presets import resolve_model_config
@@ -14,8 +16,6 @@ from llm_maker.pack.shards import load_split
 from llm_maker.recipe import Recipe, TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
-from llm_maker.devices import resolve_device
-from llm_maker.eval.multiple_choice import training_hook
 from llm_maker.train.checkpoint import ModelMeta, load_model_dir, prepare_stage_dir
 from llm_maker.train.distributed import init_distributed, local_device
 from llm_maker.train.trainer import Evaluation, run_training

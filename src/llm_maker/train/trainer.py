@@ -38,10 +38,26 @@ from llm_maker.errors import CheckpointError
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import DEFAULT_SEED, TrainConfig
 from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import (ModelMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                        save_final_model)
-from llm_maker.train.distributed import (DistContext, agree_on_stop, barrier, gradient_sync, init_distributed,
-                                         local_device, mean_over_ranks, rank_micro_batches, to_float, wrap_model)
+from llm_maker.train.checkpoint import (
+    ModelMeta,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_model,
+)
+from llm_maker.train.distributed import (
+    DistContext,
+    agree_on_stop,
+    barrier,
+    gradient_sync,
+    init_distributed,
+    local_device,
+    mean_over_ranks,
+    rank_micro_batches,
+    to_float,
+    wrap_model,
+)
 from llm_maker.train.evaluation import mean_loss
 from llm_maker.train.loss import CausalLMLoss
 from llm_maker.train.mfu import device_peak_tflops, mfu
@@ -263,7 +279,8 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
 
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is not None and not resume:
-        raise CheckpointError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or --force to start over")
+        raise CheckpointError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or --force to "
+                              "start over")
     state = load_checkpoint(ckpt, model, optimizer, tokenizer) if ckpt is not None else TrainState()
     if scaler is not None and state.scaler is not None:
         scaler.load_state_dict(state.scaler)  # exact resume: the same scale and growth tracker
@@ -360,7 +377,8 @@ def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
     summary = {"steps": state.step, "max_steps": run.tc.max_steps, "tokens_seen": state.tokens_seen,
                "final_loss": state.loss, "val_loss": state.val_loss, "stopped": stopped_by is not None,
                "stopped_by": stopped_by, "parameters": run.model.num_parameters(), "device": str(run.device),
-               "world_size": run.ctx.world_size, "precision": precision_name(run.amp_dtype), "skipped_steps": state.skipped_steps, "final_dir": None}
+               "world_size": run.ctx.world_size, "precision": precision_name(run.amp_dtype),
+               "skipped_steps": state.skipped_steps, "final_dir": None}
     if stopped_by is None:
         final_meta = dataclasses.replace(run.meta, steps=state.step, tokens_seen=state.tokens_seen,
                                          final_loss=state.loss, val_loss=state.val_loss)
@@ -388,5 +406,6 @@ def _peak_mem_mb(device: torch.device) -> Optional[float]:
 
 
 def _progress_bar(tc: TrainConfig, initial: int, show: bool = True):
-    return tqdm(total=tc.max_steps, initial=initial, disable=not (tc.progress and show), unit="step", dynamic_ncols=True,
+    return tqdm(total=tc.max_steps, initial=initial, disable=not (tc.progress and show), unit="step",
+                dynamic_ncols=True,
                 mininterval=0.5)
