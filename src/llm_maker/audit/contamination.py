@@ -17,7 +17,6 @@ chunk of training tokens (pack/ is memory-mapped), never the corpus.
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +79,8 @@ def sft_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
     """The SFT training set as one token stream: a conversation's messages joined by newlines, as
     the chat template places them, EOS after each conversation (so document i is line i + 1)."""
     ids: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                text = "\n".join(m["content"] for m in json.loads(line)["messages"])
-                ids.extend(tokenizer.encode(text) + [tokenizer.eos_id])
+    for _, row in iter_jsonl_rows(path, "SFT training set"):
+        ids.extend(tokenizer.encode("\n".join(m["content"] for m in row["messages"])) + [tokenizer.eos_id])
     return np.asarray(ids, dtype=np.int64)
 
 

@@ -105,7 +105,6 @@ _worker_tokenizer: Optional[Tokenizer] = None
 
 def _init_worker(tokenizer_file: str) -> None:
     global _worker_tokenizer
-    import os
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core instead of Rust threads
     _worker_tokenizer = Tokenizer.load(tokenizer_file).as_plain_text()
 
@@ -251,6 +250,4 @@ def pack_tokens(cfg: PackConfig, data_dir: Path, tokenizer_dir: Path, out_dir: P
 
 
 def _write_data_report(data_dir: Path, work: Path, pack_fields: dict[str, Any]) -> None:
-    from llm_maker.data.report import write_data_report
-
     write_data_report(read_manifest(data_dir) or {}, pack_fields, work)

@@ -123,8 +123,6 @@ def read_progress(work: Path, fingerprint: str, itemsize: int) -> dict[str, Any]
     """The complete shards of an interrupted pack with this fingerprint (else a fresh start),
     after deleting every file the progress does not list. A listed shard that is missing or of
     the wrong size voids the progress: everything starts over."""
-    import json
-
     fresh = {"fingerprint": fingerprint, "splits": {}}
     progress = fresh
     if (work / PROGRESS).is_file():

@@ -54,8 +54,6 @@ def _is_good_sentence(s: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def stdlib_summaries() -> tuple[Summary, ...]:
     """Public stdlib objects whose docstring opens with a short sentence, sorted by name."""
-    from llm_maker.data.builtin import stdlib_docstrings
-
     found: dict[str, Summary] = {}
     for d in stdlib_docstrings(min_chars=1):
         if any(part.startswith("_") for part in d.qualified_name.split(".")) or d.qualified_name in SKIP_MODULES \

@@ -156,9 +156,7 @@ class SFTBatches:
         """(x, y), each (B, T) LongTensors on the CPU."""
         return pad_batch([self.encoded[i] for i in self.item_ids(index)], self.seq_len, self.pad_id)
 
-    def val_batches(self, max_batches: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out conversations in order, B at a time (the last batch may be smaller)."""
-        for i, start in enumerate(range(0, len(self.val_encoded), self.batch_size)):
-            if max_batches is not None and i >= max_batches:
-                return
+        for start in range(0, len(self.val_encoded), self.batch_size):
             yield pad_batch(self.val_encoded[start:start + self.batch_size], self.seq_len, self.pad_id)

@@ -14,14 +14,13 @@ as the plain loss (logits, grad of hidden, grad of weight: 3 matmuls), with no r
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # annotations only
-    from llm_maker.model.llama import LlamaModel
+from llm_maker.model.llama import LlamaModel
 
 IGNORE_INDEX = -100  # targets that do not count: prompts and padding in SFT
 
