@@ -151,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--seq", type=int, help="sequence length (default: the preset's)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (torch.compile compiles here)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--loss-chunk", type=int, help="llm-maker's train.loss_chunk_size (default: the preset's)")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="llm-maker's side only")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import shutil
 from collections import deque
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from llm_maker.artifacts import (
     stage_fingerprint,
     write_manifest,
 )
+from llm_maker.data.report import write_data_report
 from llm_maker.data.stage import iter_split
 from llm_maker.errors import DataError
 from llm_maker.layout import SPLITS

@@ -13,6 +13,7 @@ small corpora; larger ones keep `{split}-00000.bin`, `{split}-00001.bin`, ...
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence

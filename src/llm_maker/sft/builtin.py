@@ -19,6 +19,8 @@ import random
 import re
 from typing import NamedTuple
 
+from llm_maker.data.builtin import stdlib_docstrings
+
 SYSTEM_PROMPT = "You are a helpful assistant."
 MAX_ANSWER_CHARS = 100  # ~30 tokens of a small BPE: short enough to learn to stop early
 N_ARITHMETIC = 300
