@@ -304,20 +304,20 @@ def _loop(run: _Run) -> Optional[str]:
     """Optimizer steps until max_steps, or until a signal / STOP file: then the reason."""
     tc, state = run.tc, run.state
     loss_acc = torch.zeros((), device=run.device)  # summed on the device, read only at logged steps
+    scale = run.scaler.get_scale() if run.scaler is not None else None  # fp16: the loss scale before each step
     while state.step < tc.max_steps:
         lr = cosine_lr(state.step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        scale_before = run.scaler.get_scale() if run.scaler is not None else None
         grad_norm = train_step(run.train_module, run.model, run.optimizer, run.batches,
                                rank_micro_batches(state.step, tc.grad_accum_steps, run.ctx), tc, run.device,
                                run.amp_dtype, loss_acc, run.scaler, run.ctx)
         state.step += 1
         state.tokens_seen += run.tokens_per_step
-        if run.scaler is not None:
-            if run.scaler.get_scale() < scale_before:
-                state.skipped_steps += 1  # the scale only falls on an overflow, which skipped the step
-            state.scaler = run.scaler.state_dict()
+        if run.scaler is not None:  # one read of the scale a step (GradScaler.step syncs anyway)
+            new_scale = run.scaler.get_scale()
+            state.skipped_steps += new_scale < scale  # the scale only falls on an overflow, which skipped the step
+            scale = new_scale
         run.window_tokens += run.tokens_per_step
         run.progress.update(1)
 
@@ -329,6 +329,8 @@ def _loop(run: _Run) -> Optional[str]:
                 or final or stop_reason):  # every checkpoint has its row, so resume logs identically
             _log_row(run, loss_acc, lr, grad_norm)
         if state.step % tc.checkpoint_every == 0 or final or stop_reason:
+            if run.scaler is not None:
+                state.scaler = run.scaler.state_dict()  # what resume needs for the same scale and growth tracker
             save_checkpoint(run.out_dir / "checkpoints", run.model, run.optimizer, run.tokenizer, run.meta, state,
                             tc.grad_accum_steps, keep=tc.keep_checkpoints, ctx=run.ctx,
                             sharded=tc.distributed == "fsdp2")
