@@ -219,7 +219,7 @@ def save_chat_model(model, tok, path, name: str = "test"):
     from llm_maker.train.checkpoint import save_model_dir
 
     save_model_dir(path, model, tok, {"stage": "sft", "chat_template": "chatml", "recipe": name})
-    return ChatEngine.load(path, device="cpu")
+    return ChatEngine.load(path, device="cpu", precision="fp32")  # exact: replies are compared with fp32 `generate`
 
 
 @contextmanager

@@ -178,6 +178,7 @@ def small_recipe() -> Recipe:
     r.train.micro_batch_size = 2
     r.eval.max_new_tokens = 6
     r.eval.val_batches = 2
+    r.eval.precision = "fp32"  # scores compared exactly with validation_loss on the fp32 model
     return r
 
 
@@ -186,8 +187,9 @@ def test_run_eval_writes_the_report(tok, words, tmp_path):
     out = run_eval(small_recipe(), paths)
     assert out == paths.eval
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"run", "device", "template", "models", "validation", "stop_table", "exact_match",
-                           "base_completions", "eval_seconds"}
+    assert set(report) == {"run", "device", "precision", "template", "models", "validation", "stop_table",
+                           "exact_match", "base_completions", "eval_seconds"}
+    assert report["precision"] == "fp32"
     base_params = base_stub(tok, words).num_parameters()
     assert report["models"]["base"]["parameters"] == base_params
     assert report["models"]["base"]["tokens_seen"] == 12_345
@@ -266,3 +268,16 @@ def test_markdown_cells_stay_on_one_line():
     assert cell("a | b\n\nc") == "a \\| b c"
     assert cell("x" * 200, 10) == "x" * 9 + "…"
     assert cell(None) == "—"
+
+
+def test_eval_precision_auto_follows_the_device_rule(tok, words, tmp_path):
+    from llm_maker.devices import inference_dtype, precision_name
+
+    paths = make_run(tmp_path, tok, words)
+    recipe = small_recipe()
+    recipe.eval.precision = "auto"
+    report = json.loads((run_eval(recipe, paths) / "report.json").read_text())
+    assert report["precision"] == precision_name(inference_dtype("auto", "cpu"))  # bf16 on an AMX-BF16 CPU
+    val = np.fromfile(paths.pack / "val.bin", dtype=np.uint16)
+    fp32 = validation_loss(base_stub(tok, words), val, 64, 2, 2, "cpu")
+    assert report["validation"]["base"]["loss"] == pytest.approx(fp32, rel=1e-3)  # bf16 weights: close, not equal

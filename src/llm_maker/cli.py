@@ -67,10 +67,10 @@ def cmd_stage(args) -> int:
 
 def cmd_generate(args) -> int:
     from llm_maker.serve.generate import stream_text
-    from llm_maker.train.checkpoint import load_model_dir
+    from llm_maker.serve.inference import load_for_inference
 
     model_dir = _model_dir(args.run_dir, args.model)
-    model, tokenizer, meta = load_model_dir(model_dir)
+    model, tokenizer, meta = load_for_inference(model_dir, args.device, args.precision)
     ids = tokenizer.encode(args.prompt)
     sys.stdout.write(args.prompt)
     for piece in stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
@@ -88,7 +88,8 @@ def cmd_chat(args) -> int:
 
     chat_repl(_model_dir(args.run_dir, args.model), max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              repetition_penalty=args.repetition_penalty)
+              repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device,
+              precision=args.precision)
     return 0
 
 
@@ -102,7 +103,7 @@ def cmd_lm_eval(args) -> int:
         models[name or model_label(Path(path))] = _model_dir(path, None)  # a run, llm-maker or HF model dir
     batch = args.batch_size if args.batch_size in (None, "auto") else int(args.batch_size)
     out = run_suite(models, args.suite, Path(args.out) if args.out else suite_out_dir(ours), device=args.device,
-                    batch_size=batch, limit=args.limit, force=args.force)
+                    batch_size=batch, limit=args.limit, force=args.force, precision=args.precision)
     print((out / "table.md").read_text(encoding="utf-8"))
     print(out)
     return 0
@@ -161,7 +162,7 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
                              max_tokens_limit=args.max_tokens_limit)
     serve(_model_dir(args.run_dir, args.model), settings, rope_scaling=args.rope_scaling, name=args.name,
-          device=args.device)
+          device=args.device, precision=args.precision)
     return 0
 
 
@@ -199,8 +200,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
 
 
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    """--device and --precision, read by `devices.resolve_device` and `devices.inference_dtype`."""
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the weights' dtype; auto: bf16 on GPUs and AMX-BF16 CPUs that have it, fp16 on older "
+                        "GPUs, fp32 elsewhere (the training rule)")
+
+
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     _add_model(p)
+    _add_runtime(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--top-k", type=int, default=40)
@@ -233,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", metavar="[NAME=]DIR",
                    help="a local model (Hugging Face or llm-maker directory) to compare against (repeatable)")
     p.add_argument("--out", help="where results.json and table.md go (default: RUN_DIR/eval/lm_eval)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    _add_runtime(p)
     p.add_argument("--batch-size", help="auto or a number (default: auto on GPU, 8 on CPU)")
     p.add_argument("--limit", type=float, help="at most this many items per task (or a fraction < 1)")
     p.add_argument("--force", action="store_true", help="replace existing results")
@@ -278,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests generating together (continuous batching); 1 runs them one by one")
     p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind the running ones; more get 503")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
-    p.add_argument("--device", default="auto")
+    _add_runtime(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("registry", help="scan a runs folder: REGISTRY.md, and each run's card.md + plots")

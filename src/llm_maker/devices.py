@@ -4,6 +4,8 @@
     device_caps(device)                what the device can do that the precision rule needs
     auto_precision(caps)               the `auto` rule, a pure function of those capabilities
     resolve_precision(name, device)    `train.precision` -> the autocast dtype (None: fp32), or a clear error
+    inference_dtype(name, device)      `--precision` / `eval.precision` -> the dtype weights are cast to
+                                       for evaluation, generation and serving (same rule, same errors)
     autocast(device, dtype)            torch.autocast for that dtype, or a no-op for fp32
 
 The `auto` rule:
@@ -16,6 +18,10 @@ The `auto` rule:
   MPS (Apple GPUs)                                                             fp32: PyTorch's MPS autocast
       and fp16 loss scaling are recent and untested here, so the safe default; ask for bf16 or
       fp16 explicitly to try them
+
+Inference follows the same rule, with the weights themselves cast (not autocast): bf16 weights
+halve the bytes a decode step reads, which is what bounds it (bench/decode_cpu.py measures it).
+Norms, RoPE and the softmax over the vocabulary still run in fp32 inside the model.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import torch
 from llm_maker.errors import RecipeError
 
 DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-NAMES = {dtype: name for name, dtype in DTYPES.items()}
+NAMES = {dtype: name for name, dtype in DTYPES.items()} | {torch.float32: "fp32"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,6 +101,12 @@ def resolve_precision(name: str, device: torch.device, key: str = "train.precisi
     """The autocast dtype for `name` on `device` (None: fp32); a RecipeError naming `key` and the
     device when the device cannot run it."""
     return DTYPES[choose_precision(name, device_caps(torch.device(device)), key)]
+
+
+def inference_dtype(name: str, device: torch.device | str, key: str = "--precision") -> torch.dtype:
+    """The dtype to cast a model's weights (and so its activations and KV cache) to for evaluation,
+    generation and serving: `auto` by the rule above, or the one asked for if `device` can run it."""
+    return DTYPES[choose_precision(name, device_caps(torch.device(device)), key)] or torch.float32
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:

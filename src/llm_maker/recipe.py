@@ -383,6 +383,9 @@ class EvalConfig:
     max_new_tokens: int = 48
     max_heldout: int = 100  # held-out SFT items scored for exact match
     val_batches: int = 16
+    # The weights' dtype while evaluating: auto follows train.precision's rule for the device
+    # (devices.inference_dtype); fp32 scores exactly what was saved.
+    precision: Precision = "auto"
 
 
 @dataclass

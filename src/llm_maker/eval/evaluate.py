@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llm_maker.artifacts import is_up_to_date, read_manifest, require_manifest, stage_fingerprint, write_manifest
-from llm_maker.devices import resolve_device
+from llm_maker.devices import inference_dtype, precision_name, resolve_device
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.eval.report import REPORT_JSON, write_report
 from llm_maker.layout import RunPaths
@@ -227,13 +227,14 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
     if not has_model(base_dir):
         raise LLMMakerError(f"{base_dir}: no finished base model; run the `pretrain` stage first")
     device = resolve_device(recipe.train.device)
-    base, tokenizer, base_meta = load_model_dir(base_dir, device)
+    dtype = inference_dtype(recipe.eval.precision, device, "eval.precision")
+    base, tokenizer, base_meta = load_model_dir(base_dir, device, dtype=dtype)
     if pack_manifest.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise CheckpointError(f"{paths.pack}: packed with tokenizer {pack_manifest['tokenizer_hash']}, but "
                               f"{base_dir} was trained with {tokenizer.hash}; rerun the pack and pretrain stages")
     sft, sft_meta = None, None
     if has_model(sft_dir):
-        sft, _, sft_meta = load_model_dir(sft_dir, device, expected_tokenizer_hash=tokenizer.hash)
+        sft, _, sft_meta = load_model_dir(sft_dir, device, expected_tokenizer_hash=tokenizer.hash, dtype=dtype)
     models = {"base": base, "sft": sft}
     template = (sft_meta.chat_template if sft_meta else None) or recipe.sft.template
     ec = recipe.eval
@@ -252,6 +253,7 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
     report = {
         "run": recipe.name,
         "device": str(device),
+        "precision": precision_name(dtype),
         "template": template,
         "models": {"base": model_info(base_dir, base, base_meta),
                    "sft": model_info(sft_dir, sft, sft_meta) if sft is not None else None},

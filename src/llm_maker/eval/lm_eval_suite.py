@@ -29,6 +29,7 @@ from typing import Any, Optional
 import yaml
 
 from llm_maker.artifacts import atomic_write_json, atomic_write_text
+from llm_maker.devices import inference_dtype, precision_name, resolve_device
 from llm_maker.errors import LLMMakerError
 from llm_maker.export.hf import export_to_temp
 from llm_maker.layout import FINAL, TRAIN_STAGES, run_dir_of
@@ -135,10 +136,13 @@ def resolve_suite(spec: str, tasks_dir: Path) -> Suite:
 # Running lm-eval
 # --------------------------------------------------------------------------------------
 
-def lm_eval_model_args(hf_dir: Path, device: str, prefix_token_id: Optional[int]) -> dict[str, Any]:
-    """lm-eval's HF backend: bf16 on a GPU, fp32 on a CPU."""
-    args: dict[str, Any] = {"pretrained": str(hf_dir), "device": device,
-                            "dtype": "bfloat16" if device.startswith("cuda") else "float32"}
+HF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def lm_eval_model_args(hf_dir: Path, device: str, prefix_token_id: Optional[int],
+                       precision: str = "fp32") -> dict[str, Any]:
+    """lm-eval's HF backend, its weights in `precision` (bf16 | fp16 | fp32)."""
+    args: dict[str, Any] = {"pretrained": str(hf_dir), "device": device, "dtype": HF_DTYPES[precision]}
     if prefix_token_id is not None:  # an empty context is conditioned on <|endoftext|>, as we train
         args["prefix_token_id"] = prefix_token_id
     return args
@@ -152,7 +156,8 @@ def go_offline() -> None:
 
 
 def run_lm_eval(hf_dir: Path, suite: Suite, device: str, batch_size: Any, limit: Optional[float] = None,
-                prefix_token_id: Optional[int] = None, log_samples: bool = False) -> dict[str, Any]:
+                prefix_token_id: Optional[int] = None, log_samples: bool = False,
+                precision: str = "fp32") -> dict[str, Any]:
     """lm_eval.simple_evaluate on one HF directory; returns lm-eval's results dict (with
     per-item "samples" when `log_samples`)."""
     if suite.local_only:
@@ -168,7 +173,7 @@ def run_lm_eval(hf_dir: Path, suite: Suite, device: str, batch_size: Any, limit:
     if missing:
         raise LLMMakerError(f"--suite: lm-eval knows no task {missing[0]!r} (see `lm-eval ls tasks`)")
     results = evaluator.simple_evaluate(
-        model="hf", model_args=lm_eval_model_args(hf_dir, device, prefix_token_id), tasks=suite.tasks,
+        model="hf", model_args=lm_eval_model_args(hf_dir, device, prefix_token_id, precision), tasks=suite.tasks,
         task_manager=manager, batch_size=batch_size, limit=limit, log_samples=log_samples, bootstrap_iters=1000)
     if results is None:  # only on non-zero ranks of a distributed run
         raise LLMMakerError("lm-eval returned no results")
@@ -224,14 +229,6 @@ def comparison_table(columns: dict[str, dict[str, dict]]) -> str:
 # The verb
 # --------------------------------------------------------------------------------------
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def default_batch_size(device: str) -> Any:
     """`auto` on a GPU (lm-eval backs off on out-of-memory errors); 8 on a CPU, where running out
     of memory kills the process instead of raising, so auto-detection cannot back off."""
@@ -266,8 +263,9 @@ def hf_dir_for(model_dir: Path, work: Path) -> tuple[Path, Optional[int]]:
 
 
 def run_suite(models: dict[str, Path], spec: str, out_dir: Path, device: str = "auto", batch_size: Any = None,
-              limit: Optional[float] = None, force: bool = False) -> Path:
-    """Evaluate each model (the first is "ours", the others baselines) on the suite; writes
+              limit: Optional[float] = None, force: bool = False, precision: str = "auto") -> Path:
+    """Evaluate each model (the first is "ours", the others baselines) on the suite, every one in
+    the same `precision` (auto: `devices.inference_dtype`'s rule for the device); writes
     out_dir/results.json, out_dir/table.md and the generated task YAMLs (out_dir/tasks/)."""
     out_dir = Path(out_dir)
     if (out_dir / RESULTS).exists() and not force:
@@ -278,18 +276,19 @@ def run_suite(models: dict[str, Path], spec: str, out_dir: Path, device: str = "
     suite = resolve_suite(spec, out_dir / "tasks")
     if suite.local_only:
         go_offline()
-    device = resolve_device(device)
+    device = str(resolve_device(device))
+    precision = precision_name(inference_dtype(precision, device))
     batch_size = batch_size or default_batch_size(device)
     columns, raw, version = {}, {}, None
     with tempfile.TemporaryDirectory(prefix="llm-maker-lm-eval-") as work:
         for i, (name, path) in enumerate(models.items()):
             hf_dir, prefix = hf_dir_for(Path(path), Path(work) / str(i))
-            results = run_lm_eval(hf_dir, suite, device, batch_size, limit, prefix)
+            results = run_lm_eval(hf_dir, suite, device, batch_size, limit, prefix, precision=precision)
             columns[name] = headline(results, suite)
             raw[name] = {"dir": str(path), "results": results["results"], "n_samples": results.get("n-samples")}
             version = results.get("lm_eval_version")
     table = comparison_table(columns)
-    atomic_write_json(out_dir / RESULTS, {"suite": spec, "tasks": suite.tasks, "device": device,
+    atomic_write_json(out_dir / RESULTS, {"suite": spec, "tasks": suite.tasks, "device": device, "precision": precision,
                                           "batch_size": batch_size, "limit": limit, "lm_eval_version": version,
                                           "columns": list(columns),  # ours first (JSON keys get sorted)
                                           "headline": columns, "table": table, "models": raw})

@@ -82,7 +82,8 @@ def _completions_section(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation of run `{report['run']}`", "",
-             f"Device {report['device']}; took {report.get('eval_seconds', 0):.1f} s.", ""]
+             f"Device {report['device']}, {report.get('precision', 'fp32')} weights; "
+             f"took {report.get('eval_seconds', 0):.1f} s.", ""]
     for section in (_models_section, _validation_section, _stop_section, _exact_match_section,
                     _completions_section):
         lines += section(report)

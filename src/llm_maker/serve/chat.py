@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from llm_maker.devices import resolve_device
+from llm_maker.devices import precision_name, resolve_device
 from llm_maker.errors import LLMMakerError
 from llm_maker.serve.engine import chat_template, special_ids
 from llm_maker.serve.generate import check_settings, decode_stream, generate
+from llm_maker.serve.inference import load_for_inference
 from llm_maker.sft.templates import prompt_ids, stop_token_ids
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
-from llm_maker.train.checkpoint import load_model_dir
 
 EXIT_COMMANDS = ("exit", "quit")
 CLEAR_COMMAND = "clear"
@@ -46,15 +46,16 @@ def fit_history(tokenizer: Tokenizer, messages: list[dict], template: str,
 def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tokens: int = 128,
               temperature: float = 0.7, top_k: Optional[int] = 40, top_p: Optional[float] = None,
               repetition_penalty: float = 1.1, system: Optional[str] = None, seed: Optional[int] = None,
-              device: Optional[str] = None, input_fn: Callable[[str], str] = input,
+              device: Optional[str] = None, precision: str = "auto", input_fn: Callable[[str], str] = input,
               output: TextIO = sys.stdout) -> list[dict]:
     """Chat with the model in `model_dir` until exit; returns the final history.
 
     `template` defaults to the one the model was fine-tuned with (config.json's
-    chat_template), else chatml. Sampling defaults are the LLM Maker design doc's chat app (top-k 40)."""
+    chat_template), else chatml. Sampling defaults are the LLM Maker design doc's chat app (top-k 40).
+    `precision` (auto | bf16 | fp16 | fp32) is the weights' dtype, by `devices.inference_dtype`'s rule."""
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)  # before loading anything
     dev = resolve_device(device or "auto")
-    model, tokenizer, meta = load_model_dir(model_dir, dev)
+    model, tokenizer, meta = load_for_inference(model_dir, dev, precision)
     template = chat_template(meta, template)
     seq_len = model.config.seq_len
     if max_new_tokens >= seq_len:
@@ -68,7 +69,8 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
         output.flush()
 
     say(f"Chatting with {model_dir} ({model.num_parameters():,} parameters, {seq_len}-token context, "
-        f"template {template}). Type `clear` to start over, `exit` to leave.\n")
+        f"template {template}, {precision_name(model.embed_tokens.weight.dtype)} on {dev.type}). "
+        f"Type `clear` to start over, `exit` to leave.\n")
     if not meta.is_chat_model:
         say("note: this is a base (pretrained) model: it continues text and does not follow chat; "
             "expect it to ramble. Chat with the SFT model (sft/final) for answers.\n")

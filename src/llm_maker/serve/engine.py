@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Optional
 
-from llm_maker.devices import resolve_device
+from llm_maker.devices import precision_name
+from llm_maker.serve.inference import load_for_inference
 from llm_maker.serve.rope_scaling import DynamicRope
 from llm_maker.sft.templates import stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
-from llm_maker.train.checkpoint import ModelMeta, load_model_dir
+from llm_maker.train.checkpoint import ModelMeta
 
 
 @dataclass(frozen=True)
@@ -103,18 +104,18 @@ class ChatEngine:
     model_dir: Path
     stage: str
     rope: Optional[DynamicRope] = None
+    precision: str = "fp32"  # the weights' dtype: bf16 | fp16 | fp32
     stats: dict[str, int] = field(default_factory=lambda: {"completed": 0, "cancelled": 0, "completion_tokens": 0})
 
     @classmethod
     def load(cls, model_dir: str | Path, name: Optional[str] = None, template: Optional[str] = None,
-             rope_scaling: Optional[float] = None, device: str = "auto") -> "ChatEngine":
+             rope_scaling: Optional[float] = None, device: str = "auto", precision: str = "auto") -> "ChatEngine":
         model_dir = Path(model_dir)
-        model, tokenizer, meta = load_model_dir(model_dir, resolve_device(device))
-        model.eval()
+        model, tokenizer, meta = load_for_inference(model_dir, device, precision)
         rope = DynamicRope(model, rope_scaling) if rope_scaling and rope_scaling != 1.0 else None
         return cls(model=model, tokenizer=tokenizer, template=chat_template(meta, template),
                    name=name or default_model_name(model_dir, meta), model_dir=model_dir,
-                   stage=meta.stage or "unknown", rope=rope)
+                   stage=meta.stage or "unknown", rope=rope, precision=precision_name(model.embed_tokens.weight.dtype))
 
     @property
     def context_len(self) -> int:

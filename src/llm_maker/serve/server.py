@@ -284,6 +284,7 @@ def create_app(engine: ChatEngine, settings: ServeSettings = ServeSettings()) ->
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.name, "stage": engine.stage, "template": engine.template,
+                "precision": engine.precision, "device": str(engine.model.embed_tokens.weight.device),
                 "parameters": engine.model.num_parameters(), "context_length": engine.context_len,
                 "trained_context_length": engine.rope.trained_len if engine.rope else engine.context_len,
                 "rope_scaling": engine.rope.factor if engine.rope else None,
@@ -329,16 +330,18 @@ def create_app(engine: ChatEngine, settings: ServeSettings = ServeSettings()) ->
 
 
 def serve(model_dir: str | Path, settings: ServeSettings = ServeSettings(), rope_scaling: Optional[float] = None,
-          name: Optional[str] = None, device: str = "auto") -> None:
+          name: Optional[str] = None, device: str = "auto", precision: str = "auto") -> None:
     """Load the model and serve it with uvicorn until interrupted."""
     import uvicorn
 
     settings.validate()
-    engine = ChatEngine.load(model_dir, name=name, rope_scaling=rope_scaling, device=device)
+    engine = ChatEngine.load(model_dir, name=name, rope_scaling=rope_scaling, device=device,
+                             precision=precision)
     app = create_app(engine, settings)  # allocates the batch's KV cache now, not at the first request
     cache = app.state.worker.batch.cache
     cache_mb = (cache.k.nbytes + cache.v.nbytes) / 2**20
     print(f"Serving {engine.name} ({engine.model.num_parameters():,} parameters, {engine.context_len}-token "
-          f"context, up to {settings.max_batch} requests at once: {cache_mb:,.0f} MB of KV cache) on "
+          f"context, {engine.precision}, up to {settings.max_batch} requests at once: "
+          f"{cache_mb:,.0f} MB of KV cache) on "
           f"http://{settings.host}:{settings.port}/  (OpenAI API at /v1)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -141,8 +141,10 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu",
-                   expected_tokenizer_hash: Optional[str] = None) -> tuple[LlamaModel, Tokenizer, ModelMeta]:
-    """Load (model, tokenizer, metadata) from a model directory or a training checkpoint."""
+                   expected_tokenizer_hash: Optional[str] = None,
+                   dtype: torch.dtype = torch.float32) -> tuple[LlamaModel, Tokenizer, ModelMeta]:
+    """Load (model, tokenizer, metadata) from a model directory or a training checkpoint, its
+    weights on `device` in `dtype` (`devices.inference_dtype` chooses it for inference)."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
     if expected_tokenizer_hash is not None and config.get("tokenizer_hash") != expected_tokenizer_hash:
@@ -159,7 +161,7 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu",
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{cfg.vocab_size}")
-    return model.to(device), tokenizer, meta
+    return model.to(device=device, dtype=dtype), tokenizer, meta
 
 
 def load_weights(model: LlamaModel, path: Path) -> None:

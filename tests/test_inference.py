@@ -1,0 +1,70 @@
+"""Inference precision: `--precision` / `eval.precision` follow the training rule, and bf16 on a
+CPU runs on packed weights that give the same numbers as the plain bf16 layers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import make_tokenizer, random_model
+from llm_maker.devices import auto_precision, device_caps, inference_dtype
+from llm_maker.errors import RecipeError
+from llm_maker.serve.generate import generate
+from llm_maker.serve.inference import PackedLinear, can_pack, load_for_inference, pack_linears
+from llm_maker.train.checkpoint import load_model_dir, save_model_dir
+
+needs_packing = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
+                                   reason="this PyTorch build has no oneDNN packed linear")
+
+
+def test_inference_dtype_follows_the_training_rule():
+    assert inference_dtype("fp32", "cpu") == torch.float32
+    assert inference_dtype("bf16", "cpu") == torch.bfloat16
+    expected = {"bf16": torch.bfloat16, "fp32": torch.float32}[auto_precision(device_caps(torch.device("cpu")))]
+    assert inference_dtype("auto", "cpu") == expected  # the table itself is tests/test_precision.py's
+
+
+def test_unknown_precision_names_the_flag():
+    with pytest.raises(RecipeError, match=r"`--precision` is 'fp8'; choose one of auto, fp32, bf16, fp16"):
+        inference_dtype("fp8", "cpu")
+
+
+@needs_packing
+def test_packed_linear_gives_the_plain_bf16_products():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).bfloat16()
+    layer = PackedLinear(w)
+    for rows in (1, 7):  # a decode step and a prefill
+        x = torch.randn(2, rows, 64).bfloat16()
+        assert torch.equal(layer(x), F.linear(x, w))
+
+
+@needs_packing
+def test_packed_model_generates_what_the_plain_bf16_model_does(tmp_path):
+    tok = make_tokenizer()
+    model = random_model(tok.vocab_size, tie_embeddings=True)
+    save_model_dir(tmp_path / "m", model, tok, {"stage": "pretrain", "recipe": "t"})
+    plain, _, _ = load_model_dir(tmp_path / "m", dtype=torch.bfloat16)
+    packed, _, _ = load_for_inference(tmp_path / "m", "cpu", "bf16")
+    assert packed.embed_tokens.weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every projection and the head
+    prompt = tok.encode("The return statement")
+    with torch.inference_mode():
+        assert torch.equal(packed(torch.tensor([prompt])), plain.eval()(torch.tensor([prompt])))
+    assert list(generate(packed, prompt, 24)) == list(generate(plain, prompt, 24))
+
+
+def test_fp32_loads_the_saved_weights_unchanged(tmp_path):
+    tok = make_tokenizer()
+    model = random_model(tok.vocab_size)
+    save_model_dir(tmp_path / "m", model, tok, {"stage": "pretrain", "recipe": "t"})
+    loaded, _, _ = load_for_inference(tmp_path / "m", "cpu", "fp32")
+    assert loaded.embed_tokens.weight.dtype == torch.float32
+    assert any(isinstance(m, torch.nn.Linear) for m in loaded.modules())  # nothing packed in fp32
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+@needs_packing
+def test_pack_linears_counts_every_projection():
+    model = random_model(64, tie_embeddings=False).bfloat16()
+    assert pack_linears(model) == 7 * model.config.n_layers + 1  # q k v o gate up down, and the head
