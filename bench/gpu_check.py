@@ -88,10 +88,12 @@ def loss_check(run_dir: Path) -> dict:
 
     with open(run_dir / "pretrain" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    losses = [float(r["loss"]) for r in rows]
+    steps = [r for r in rows if not r.get("event")]  # event rows (rollbacks) carry no loss
+    losses = [float(r["loss"]) if r["loss"] else math.nan for r in steps]  # empty: no finite step in the window
     finite = all(math.isfinite(v) for v in losses)
     return {"first_loss": losses[0], "last_loss": losses[-1], "finite": finite,
-            "falls": finite and losses[-1] < losses[0], "skipped_steps": rows[-1].get("skipped_steps") or None}
+            "falls": finite and losses[-1] < losses[0], "skipped_steps": steps[-1].get("skipped_steps") or None,
+            "events": [r["event"] for r in rows if r.get("event")]}
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """The package's import graph, read from the source: no module cycle, and every import points
 down the layers below (a module may import its own layer and the layers under it, never above).
 
-    0  bottom       errors, typed_yaml, devices, artifacts, layout, markdown
+    0  bottom       errors, typed_yaml, devices, stopping, artifacts, layout, markdown
     1  model        the decoder alone: it imports nothing from llm_maker
     2  recipe       the typed YAML schema and its rules
     3  inputs       tokenizer, data sources and selection, packed token shards
@@ -24,7 +24,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "llm_maker"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "typed_yaml", "devices", "artifacts", "layout", "markdown"),
+    ("errors", "typed_yaml", "devices", "stopping", "artifacts", "layout", "markdown"),
     ("model",),
     ("recipe",),
     ("tokenizer", "data", "pack"),

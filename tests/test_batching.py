@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from helpers import make_tokenizer, random_model
-from llm_maker.serve.batching import Batch, GenerationWorker
+from llm_maker.serve.batching import Batch, GenerationWorker, QueueFull
 from llm_maker.serve.engine import ChatEngine, Job, SamplingParams
 from llm_maker.serve.generate import answer_ids, generate
 from llm_maker.sft.templates import prompt_ids
@@ -199,6 +199,49 @@ def test_the_worker_batches_waiting_jobs_and_survives_a_failing_step(engine):
         after = RecordedJob(ids_for(engine, QUESTIONS[0]), SamplingParams(max_tokens=8, temperature=0.0))
         worker.submit(after)
         assert after.finished.wait(30) and after.text == alone(engine, after.prompt_ids, after.params)
+    finally:
+        worker.stop()
+
+
+def test_the_worker_admits_max_batch_plus_max_waiting_whatever_it_is_doing(engine):
+    """Admission counts jobs, not the queue's length: the job held in its prefill counts as
+    running, so 2 + 3 are admitted while the worker is busy; every job that ends (answered,
+    cancelled while waiting, failed) frees its place."""
+    worker = GenerationWorker(engine, max_batch=2, max_waiting=3)
+    gate = threading.Event()
+    real_admit = worker.batch.admit
+    worker.batch.admit = lambda job: (gate.wait(30), real_admit(job))
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    jobs = [RecordedJob(ids_for(engine, q), params) for q in QUESTIONS]
+    worker.start()
+    try:
+        for job in jobs:
+            worker.submit(job)
+        deadline = time.monotonic() + 30
+        while worker.waiting != 4:  # the worker has taken the first into its prefill
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert worker.running == 1
+        with pytest.raises(QueueFull, match="2 requests are running and 3 are already waiting"):
+            worker.submit(RecordedJob(ids_for(engine, "Hi"), params))
+        assert worker.rejected == 1
+        jobs[4].cancel()  # its client leaves while it waits
+        gate.set()
+        for job in jobs:
+            assert job.finished.wait(30)
+        assert all(j.end[0] == "done" for j in jobs) and jobs[4].end[1]["finish_reason"] == "cancelled"
+        bad = RecordedJob(ids_for(engine, "x") + [engine.tokenizer.vocab_size + 5], params)  # fails in its prefill
+        worker.submit(bad)
+        assert bad.finished.wait(30) and bad.end[0] == "error"
+        deadline = time.monotonic() + 30
+        while worker.running or worker.waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        again = [RecordedJob(ids_for(engine, q), params) for q in QUESTIONS]  # all five places are free
+        for job in again:
+            worker.submit(job)
+        for job in again:
+            assert job.finished.wait(30) and job.end[0] == "done"
     finally:
         worker.stop()
 

@@ -90,8 +90,6 @@ def _worker(rank: int, world: int, port: int, pack_dir: str, tok_dir: str, root:
         summary = run_training(model, batches, config(**MODES[mode]), out, tokenizer, {},
                                resume=resume)
         (Path(root) / f"{name}.rank{rank}.json").write_text(json.dumps({"read": batches.read, "summary": summary}))
-        if stop and rank == 0 and any(j[0] == name and j[3] for j in JOBS):
-            (out / "STOP").unlink()  # this run is resumed next
         dist.barrier()
     shutdown_distributed()
 
@@ -110,7 +108,6 @@ def two_rank_runs(tmp_path_factory, pack_dir, tokenizer_dir) -> Path:
         run_training(tiny_model(tokenizer.vocab_size, seq_len=32),
                      batches_for(pack_dir, stop_file=root / "fsdp2_1to2" / "STOP"),
                      config(**MODES["fsdp2"]), root / "fsdp2_1to2", tokenizer, {})
-        (root / "fsdp2_1to2" / "STOP").unlink()
         try:
             torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(pack_dir), str(tokenizer_dir), str(root)),
                                         nprocs=2, join=True)
@@ -189,7 +186,6 @@ def test_two_rank_checkpoint_resumes_on_one_rank(mode, two_rank_runs, one_proces
     stopped = json.loads((two_rank_runs / f"{mode}_stop.rank1.json").read_text())["summary"]
     assert stopped["stopped"] and stopped["steps"] == STOP_AT  # rank 1 stopped too, at rank 0's step
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == f"step_{STOP_AT:08d}"
-    (out / "STOP").unlink()
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = tiny_model(tokenizer.vocab_size, seq_len=32)
     summary = run_training(model, batches_for(pack_dir), config(**MODES[mode]), out,

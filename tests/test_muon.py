@@ -76,7 +76,6 @@ def test_muon_trains_and_resumes_exactly(tmp_path, pack_dir, tokenizer_dir):
     b.mkdir()
     summary_b = run_training(tiny_model(512, seq_len=32), batches(stop_at=7, out=b), config(), b, tokenizer, {})
     assert summary_b["steps"] == 8
-    (b / "STOP").unlink()
     run_training(tiny_model(512, seq_len=32), batches(), config(), b, tokenizer, {}, resume=True)
 
     def rows(d):

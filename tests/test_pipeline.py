@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from llm_maker.cli import main
+from llm_maker.stopping import EXIT_STOPPED
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs in subprocesses, killed and resumed
 
@@ -104,9 +105,95 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, prose_jsonl, prepared):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=60) == EXIT_STOPPED
     steps = sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step_"))
     assert steps[-1] > 10 and not (tmp_path / "c" / "pretrain" / "final").exists()
+    out = proc.stdout.read()
+    assert (f"pretrain stopped at step {steps[-1]} by SIGTERM (checkpoint step_{steps[-1]:08d}); "
+            f"continue with: llm-maker pretrain {recipe} --resume") in out
+
+
+# --------------------------------------------------------------------------------------
+# Honest exits: a stop is not a finish and not a failure
+# --------------------------------------------------------------------------------------
+
+def stop_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llm_maker", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+
+
+def test_sigint_stops_at_a_checkpoint_with_its_own_exit_code(tmp_path, prose_jsonl, prepared):
+    shutil.copytree(prepared, tmp_path / "i")
+    recipe = make_recipe(tmp_path, prose_jsonl, tmp_path / "i", **{"train.max_steps": 5000})
+    ckpts = tmp_path / "i" / "pretrain" / "checkpoints"
+    proc = stop_cli("pretrain", str(recipe))
+    wait_for(ckpts / "step_00000010", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_STOPPED
+    step = max(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step_"))
+    assert err.strip().splitlines()[-1] == (f"llm-maker: pretrain stopped at step {step} by SIGINT (checkpoint "
+                                            f"step_{step:08d}); continue with: llm-maker pretrain {recipe} --resume")
+
+
+def test_stop_file_is_consumed_and_resume_goes_on(tmp_path, prose_jsonl, prepared, capsys):
+    shutil.copytree(prepared, tmp_path / "s")
+    recipe = make_recipe(tmp_path, prose_jsonl, tmp_path / "s", **{"train.max_steps": 30})
+    stage = tmp_path / "s" / "pretrain"
+    stage.mkdir()
+    (stage / "STOP").touch()  # obeyed after the first step
+    assert main(["pretrain", str(recipe)]) == EXIT_STOPPED
+    err = capsys.readouterr().err
+    assert "pretrain stopped at step 1 by STOP file" in err and "--resume" in err
+    assert not (stage / "STOP").exists() and (stage / "STOP.done-1").is_file()
+    assert main(["pretrain", str(recipe), "--resume"]) == 0  # not stopped again by the same file
+    assert (stage / "final").is_dir()
+
+
+def test_resume_with_a_stop_file_present_says_so(tmp_path, prose_jsonl, prepared, capsys):
+    shutil.copytree(prepared, tmp_path / "r")
+    recipe = make_recipe(tmp_path, prose_jsonl, tmp_path / "r", **{"train.max_steps": 30})
+    root = tmp_path / "r"
+    (root / "STOP").touch()  # the run root's STOP stops every stage
+    assert main(["pretrain", str(recipe), "--resume"]) == EXIT_STOPPED
+    err = capsys.readouterr().err
+    assert f"note: {root / 'STOP'} is present: this run stops after its first step" in err
+    assert (root / "STOP.done-1").is_file()
+
+
+def test_pipeline_stops_with_the_stage_and_says_how_to_go_on(tmp_path, prose_jsonl, prepared, capsys):
+    shutil.copytree(prepared, tmp_path / "p")
+    recipe = make_recipe(tmp_path, prose_jsonl, tmp_path / "p", **{"train.max_steps": 30})
+    (tmp_path / "p" / "STOP").touch()
+    assert main(["pipeline", str(recipe)]) == EXIT_STOPPED
+    captured = capsys.readouterr()
+    assert "[pretrain] pretrain stopped at step 1 by STOP file" in captured.out
+    assert "[sft]" not in captured.out and "Chat with it" not in captured.out  # no summary of a stopped run
+    assert f"continue with: llm-maker pipeline {recipe}" in captured.err
+    assert main(["pipeline", str(recipe)]) == 0  # goes on from the checkpoint to the end
+
+
+def test_an_early_sigterm_ends_cleanly(tmp_path, prose_jsonl):
+    """SIGTERM while the data stage runs, before any training: the pipeline ends after that stage
+    with the stop exit code, not killed by the signal."""
+    recipe = make_recipe(tmp_path, prose_jsonl, tmp_path / "e")
+    proc = stop_cli("pipeline", str(recipe))
+    deadline = time.time() + 60
+    line = ""
+    while "[data] ..." not in line:  # printed after the handlers are in place
+        line = proc.stdout.readline()
+        assert line and time.time() < deadline, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, err
+    assert "received; run the same command again" in out and "continue with: llm-maker pipeline" in err
 
 
 def test_pipeline_runs_then_skips_everything(tmp_path, prose_jsonl, prepared, capsys):
@@ -155,3 +242,22 @@ def test_bad_corpus_is_a_clear_error_and_keeps_earlier_artifacts(tmp_path, prose
     assert message.lower() in err.lower() and "bad.txt" in err
     assert (tmp_path / "f" / "data" / "train.jsonl").read_bytes() == before
     assert (tmp_path / "f" / "pack" / "train.bin").is_file()
+
+
+def test_resume_lets_bookkeeping_change_and_names_what_may_not(tmp_path, prose_jsonl, prepared, capsys):
+    shutil.copytree(prepared, tmp_path / "k")
+    recipe = make_recipe(tmp_path, prose_jsonl, tmp_path / "k", **{"train.max_steps": 30})
+    (tmp_path / "k" / "STOP").touch()
+    assert main(["pretrain", str(recipe)]) == EXIT_STOPPED
+    capsys.readouterr()
+    assert main(["pretrain", str(recipe), "--resume", "--set", "train.lr=0.001"]) == 2  # changes the weights
+    err = capsys.readouterr().err
+    assert "step_00000001 was written with another model/train config or other data" in err
+    assert "(changed: config.train.lr: 0.003 -> 0.001)" in err and "--force" in err
+    assert main(["pretrain", str(recipe), "--resume", "--set", "train.keep_checkpoints=1",
+                 "--set", "train.log_every=5"]) == 0
+    out = capsys.readouterr().out
+    assert ("resuming from step_00000001 with changed settings that change no result: "
+            "keep_checkpoints: 2 -> 1; log_every: 10 -> 5") in out
+    assert (tmp_path / "k" / "pretrain" / "final").is_dir()
+    assert len(list((tmp_path / "k" / "pretrain" / "checkpoints").glob("step_*"))) == 1  # the new keep

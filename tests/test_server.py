@@ -168,6 +168,15 @@ def test_stop_strings_and_max_tokens_end_a_reply(scripted):
      "temperature: Input should be less than or equal to 2"),
     ({"messages": user("hi"), "logit_bias": {}}, 400, "logit_bias", "unsupported parameter 'logit_bias'"),
     ({"messages": user("hi"), "n": 2}, 400, "n", "n: Input should be 1"),
+    # Strict types: a string is not a number, a number is not a boolean.
+    ({"messages": user("hi"), "max_tokens": "10"}, 400, "max_tokens", "max_tokens: Input should be a valid integer"),
+    ({"messages": user("hi"), "seed": "7"}, 400, "seed", "seed: Input should be a valid integer"),
+    ({"messages": user("hi"), "n": True}, 400, "n", "n: Input should be a valid integer"),
+    ({"messages": user("hi"), "temperature": "0.5"}, 400, "temperature", "temperature: Input should be a valid number"),
+    ({"messages": user("hi"), "top_p": "0.9"}, 400, "top_p", "top_p: Input should be a valid number"),
+    ({"messages": user("hi"), "stream": 1}, 400, "stream", "stream: Input should be a valid boolean"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content",
+     "messages[0].content: Input should be a valid string"),
     ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
      "stop must be up to 4 non-empty strings"),
     ({"messages": user("close <|im_end|> it")}, 400, "messages", "contains the special token <|im_end|>"),
@@ -180,6 +189,16 @@ def test_bad_requests_get_a_clear_4xx_in_openais_error_format(scripted, body, st
     assert got == status, answer
     assert answer["error"]["param"] == param
     assert message in answer["error"]["message"]
+
+
+def test_integers_are_accepted_where_numbers_are_expected(scripted):
+    url, _ = scripted
+    status, _, body = call(url, "POST", "/v1/chat/completions",
+                           {"messages": user("Hi"), "temperature": 0, "top_p": 1, "repetition_penalty": 1})
+    assert status == 200 and body["choices"][0]["message"]["content"] == REPLY
+    status, _, body = call(url, "POST", "/v1/chat/completions",
+                           {"messages": user("Hi"), "temperature": 1, "seed": 3, "max_tokens": 4})
+    assert status == 200, body
 
 
 def test_rolling_window_drops_the_oldest_turns_and_says_how_many(scripted):
@@ -197,6 +216,38 @@ def test_rolling_window_drops_the_oldest_turns_and_says_how_many(scripted):
     dropped = int(headers["x-dropped-messages"])
     assert dropped > 0 and dropped % 2 == 0  # whole user/assistant pairs
     assert body["usage"]["prompt_tokens"] + 10 <= 64
+
+
+def test_a_last_message_too_long_for_the_rolling_window_says_what_to_change(scripted, tok):
+    url, _ = scripted
+    history = [{"role": "user", "content": "an earlier question"}, {"role": "assistant", "content": REPLY}]
+    too_long = "word " * 80
+    n_long = len(prompt_ids(tok, user(too_long), "chatml"))
+    assert n_long > 64
+    status, _, body = call(url, "POST", "/v1/chat/completions",
+                           {"messages": history + user(too_long), "max_tokens": 10, "rolling_window": True})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert body["error"]["message"] == (
+        f"this model's maximum context length is 64 tokens, but even after rolling_window dropped every earlier turn "
+        f"(2 messages), the last message alone takes {n_long} tokens and max_tokens asks for 10 more; "
+        f"shorten the last message")  # lowering max_tokens would not help: the prompt alone is over
+    # A last message that fits on its own, but not with the reply asked for.
+    long = "word " * 10
+    n = len(prompt_ids(tok, user(long), "chatml"))
+    assert 30 < n < 60
+    asked = 64 - n + 5
+    status, _, body = call(url, "POST", "/v1/chat/completions",
+                           {"messages": user(long), "max_tokens": asked, "rolling_window": True})
+    assert status == 400 and body["error"]["message"] == (
+        f"this model's maximum context length is 64 tokens, but the last message alone takes {n} tokens and "
+        f"max_tokens asks for {asked} more; shorten the last message or lower max_tokens")
+    system = [{"role": "system", "content": "Be brief."}]
+    status, _, body = call(url, "POST", "/v1/chat/completions",
+                           {"messages": system + history + user(too_long), "rolling_window": True})
+    message = body["error"]["message"]
+    assert status == 400 and "the system message and the last message take" in message
+    assert "no room is left for a reply" in message and "rolling_window" in message
+    assert message.endswith("shorten the system message or the last message")
 
 
 def test_seeded_sampling_is_reproducible_through_the_api(tok, tmp_path):
@@ -247,12 +298,59 @@ def test_a_full_queue_answers_503(tok, tmp_path):
         wait_for(lambda: app.state.worker.waiting == 1)
         status, headers, body = call(url, "POST", "/v1/chat/completions", {"messages": user("third")})
         assert status == 503 and headers["retry-after"] == "1"
-        assert body["error"]["code"] == "server_busy" and "1 requests are already waiting" in body["error"]["message"]
+        assert body["error"]["code"] == "server_busy"
+        assert "1 requests are running and 1 are already waiting" in body["error"]["message"]
         gate.set()
         first.join(30)
         second.join(30)
         assert [results[n][0] for n in ("first", "second")] == [200, 200]
         assert call(url, "GET", "/health")[2]["rejected"] == 1
+
+
+def test_a_burst_is_admitted_up_to_max_batch_plus_max_waiting_while_the_worker_prefills(tok, tmp_path):
+    """32 streaming requests arrive while the worker is held in its first prefill: the one being
+    prefilled counts as running, so 8 + 16 are admitted (and answered in full), 8 get 503."""
+    engine = save_chat_model(scripted_model(tok, REPLY), tok, tmp_path / "m")
+    app = create_app(engine, ServeSettings(max_batch=8, max_waiting=16))
+    worker = app.state.worker
+    gate = threading.Event()
+    real_admit = worker.batch.admit
+    worker.batch.admit = lambda job: (gate.wait(30), real_admit(job))  # the first prefill waits for the burst
+    with running_server(app) as url:
+        results: dict[int, Any] = {}
+        def client(i):
+            try:
+                results[i] = call(url, "POST", "/v1/chat/completions",
+                                  {"messages": user(f"request {i}"), "stream": True, "temperature": 0})
+            except Exception as e:  # reported below
+                results[i] = e
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: worker.rejected == 8 and worker.running + worker.waiting == 24)
+        assert worker.running == 1 and worker.waiting == 23  # the prefill being held is running
+        gate.set()
+        for t in threads:
+            t.join(60)
+        assert all(not t.is_alive() for t in threads)
+        assert not [r for r in results.values() if isinstance(r, Exception)]
+        admitted = [r for r in results.values() if r[0] == 200]
+        refused = [r for r in results.values() if r[0] == 503]
+        assert len(admitted) == 24 and len(refused) == 8
+        for _, _, raw in admitted:
+            events = sse_data(raw)
+            assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "stop"
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == REPLY
+        for _, headers, body in refused:
+            assert headers["retry-after"].isdigit() and int(headers["retry-after"]) >= 1
+            assert body["error"]["code"] == "server_busy" and body["error"]["type"] == "server_error"
+            assert "8 requests are running and 16 are already waiting" in body["error"]["message"]
+        wait_for(lambda: worker.running == 0 and worker.waiting == 0)  # the worker has counted them out
+        health = call(url, "GET", "/health")[2]
+        assert health["completed"] == 24 and health["rejected"] == 8 and health["failed"] == 0
+        assert health["peak_batch"] == 8
+        # Every place is free again.
+        assert call(url, "POST", "/v1/chat/completions", {"messages": user("after"), "temperature": 0})[0] == 200
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(endless):

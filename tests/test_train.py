@@ -105,7 +105,7 @@ def test_stop_then_resume_equals_uninterrupted(tmp_path, tokenizer, tokens):
     s = run_training(small_model(tokenizer), StopAt13(train, 32, 4, 0, val), config(), b, tokenizer, {})
     assert s["stopped"] and s["steps"] == 13 and not (b / "final").exists()
     assert latest_checkpoint(b / "checkpoints").name == "step_00000013"
-    (b / "STOP").unlink()
+    assert not (b / "STOP").exists() and (b / "STOP.done-13").is_file()  # consumed: the resume goes on
     s2 = run_training(small_model(tokenizer, seed=99), PretrainBatches(train, 32, 4, 0, val), config(), b,
                       tokenizer, {}, resume=True)
     ra, rb = read_metrics(a), read_metrics(b)

@@ -153,12 +153,28 @@ def stage_fingerprint(config: Any, *upstream_dirs: str | Path, extra: Any = None
     upstream stages it reads, and any extra inputs (e.g. source file signatures).
 
     The pipeline skips a stage whose manifest already carries this fingerprint."""
+    return inputs_fingerprint(fingerprint_inputs(config, *upstream_dirs, extra=extra))
+
+
+def fingerprint_inputs(config: Any, *upstream_dirs: str | Path, extra: Any = None) -> dict[str, Any]:
+    """What `stage_fingerprint` hashes, as plain JSON: {"config", "upstream": {stage folder:
+    fingerprint}, "extra"}. Training stages keep it in their checkpoints, so that a refused resume
+    can say what changed (`changed_keys`)."""
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    upstream = []
-    for d in upstream_dirs:
-        m = read_manifest(d)
-        upstream.append(m["fingerprint"] if m else None)
-    return fingerprint(cfg, upstream, extra)
+    upstream = {Path(d).name: (read_manifest(d) or {}).get("fingerprint") for d in upstream_dirs}
+    return json.loads(json.dumps({"config": cfg, "upstream": upstream, "extra": extra}, default=str))
+
+
+def inputs_fingerprint(inputs: dict[str, Any]) -> str:
+    return fingerprint(inputs["config"], list(inputs["upstream"].values()), inputs["extra"])
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two JSON values (dotted keys)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new), key=str)
+                for line in changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def is_up_to_date(stage_dir: str | Path, fingerprint_: str) -> bool:

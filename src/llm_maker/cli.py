@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,7 @@ from typing import Optional
 from llm_maker.artifacts import require_manifest
 from llm_maker.errors import LLMMakerError
 from llm_maker.layout import STAGE_NAMES, STAGES, RunPaths
+from llm_maker.stopping import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, StageStopped, install_early_handlers
 from llm_maker.summary import print_summary
 
 
@@ -53,7 +55,7 @@ def cmd_pipeline(args) -> int:
 
     recipe = _recipe(args)
     results = run_pipeline(recipe, force=args.force, only=args.only)
-    if all(r["status"] != "paused" for r in results.values()) and not args.only:
+    if not args.only:
         print_summary(RunPaths.of(recipe.run_dir), results)
     return 0
 
@@ -178,6 +180,19 @@ def cmd_card(args) -> int:
 
     print(write_card(args.run_dir, force=args.force))
     return 0
+
+
+TRAINING_COMMANDS = {"pipeline", *(stage.name for stage in STAGES if stage.trains)}
+
+
+def resume_command(args) -> str:
+    """The command line that goes on after a stop: the same verb, recipe and overrides, with --resume."""
+    words = [args.command, args.recipe, *(w for o in (args.set or []) for w in ("--set", o))]
+    if args.command != "pipeline":  # the pipeline resumes by itself
+        words.append("--resume")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun <the same options> -m llm_maker " + shlex.join(words)
+    return "llm-maker " + shlex.join(words)
 
 
 def _model_dir(run_dir: str, which: Optional[str]) -> Path:
@@ -326,15 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     args = build_parser().parse_args(argv)
+    # A SIGTERM from now on is obeyed at the next training step, not a kill with nothing written.
+    restore_sigterm = install_early_handlers() if args.command in TRAINING_COMMANDS else lambda: None
     try:
         return args.func(args)
+    except StageStopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"llm-maker: {e}; continue with: {resume_command(args)}", file=sys.stderr)
+        return EXIT_STOPPED
     except LLMMakerError as e:
         print(f"llm-maker: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("llm-maker: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
+        restore_sigterm()
         if "llm_maker.train.distributed" in sys.modules:  # leave torchrun's process group cleanly
             sys.modules["llm_maker.train.distributed"].shutdown_distributed()
 

@@ -15,3 +15,15 @@ class DataError(LLMMakerError):
 
 class CheckpointError(LLMMakerError):
     """A checkpoint is missing, partial or incompatible (other tokenizer, other shape)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of a checkpoint or model directory cannot be read: missing, empty, truncated or corrupt."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class TrainingError(LLMMakerError):
+    """Training went wrong in a way the loop cannot recover from (it kept diverging)."""

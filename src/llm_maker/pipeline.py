@@ -24,6 +24,7 @@ from llm_maker.layout import RunPaths, StageSpec
 from llm_maker.pack.packer import pack_tokens
 from llm_maker.recipe import Recipe
 from llm_maker.sft.stage import run_sft
+from llm_maker.stopping import StageStopped, signal_received
 from llm_maker.tokenizer.stage import build_tokenizer
 from llm_maker.train.stage import run_pretrain
 
@@ -83,8 +84,10 @@ def run_pipeline(recipe: Recipe, force: bool = False, only: Optional[list[str]] 
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the recipe's stages; returns {stage: {"dir", "status", "seconds"}}.
 
-    A training stage that was stopped (STOP file, SIGINT, SIGTERM) ends the pipeline early with
-    status "paused"; running the pipeline again resumes it."""
+    A training stage that was stopped (STOP file, SIGINT, SIGTERM) ends the pipeline there: its
+    status is "paused" and `StageStopped` is raised (with `.results`) after the log line; a SIGTERM
+    during a stage that cannot stop midway (data, pack, ...) stops the pipeline after it. Running
+    the pipeline again resumes."""
     paths = RunPaths.of(recipe.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -94,9 +97,21 @@ def run_pipeline(recipe: Recipe, force: bool = False, only: Optional[list[str]] 
             continue
         stage_dir = paths.stage_dir(stage.name)
         before = read_manifest(stage_dir)
+        if signal_received():
+            stop = StageStopped(stage.name, None, signal_received(), None)
+            log(f"[{stage.name}] not started: {signal_received()} received; run the same command again to go on")
+            stop.results = results
+            raise stop
         log(f"[{stage.name}] ...")
         t0 = time.perf_counter()
-        out = stage.run(recipe, paths, not force, force)
+        try:
+            out = stage.run(recipe, paths, not force, force)
+        except StageStopped as stop:
+            seconds = time.perf_counter() - t0
+            results[stage.name] = {"dir": str(stage_dir), "status": "paused", "seconds": round(seconds, 1)}
+            log(f"[{stage.name}] {stop} after {seconds:.1f}s; run the same command again to resume")
+            stop.results = results
+            raise
         after = read_manifest(stage_dir)
         seconds = time.perf_counter() - t0
         if after is None:

@@ -245,10 +245,11 @@ ModelConfigSpec.__module__ = __name__
 # --------------------------------------------------------------------------------------
 
 # TrainConfig fields that change no weight: progress and logging, checkpoint bookkeeping, evaluation
-# while training, experiment tracking, the MFU denominator, and recomputation that saves memory.
+# while training, experiment tracking, the MFU denominator, recomputation that saves memory, and
+# the divergence rules (they act only on a run that diverges, whose summary records each rollback).
 _NOT_RESULT_FIELDS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
                       "mc_eval", "mc_eval_items", "tensorboard", "wandb", "wandb_project", "peak_tflops",
-                      "activation_checkpointing")
+                      "activation_checkpointing", "max_bad_steps", "spike_factor", "max_rollbacks")
 
 
 @dataclass
@@ -286,14 +287,23 @@ class TrainConfig:
     tensorboard: bool = False  # TensorBoard event files in <stage>/tensorboard/
     wandb: bool = False  # Weights & Biases (set WANDB_MODE=offline to keep it on this machine)
     wandb_project: str = "llm-maker"
+    # Divergence (train/divergence.py): a step whose loss or gradient norm is not finite is skipped;
+    # this many in a row, or one loss above spike_factor x (and 1 nat over) the mean of the last 50
+    # steps after warmup (None: no spike rule), reloads the last checkpoint, skipping the batches read since.
+    max_bad_steps: int = 8
+    spike_factor: Optional[float] = 3.0
+    max_rollbacks: int = 3  # then the run stops with an error (0: at the first divergence)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights, for a stage's fingerprint.
 
         Left out: progress, log_every, checkpoint_every, keep_checkpoints, eval_every, eval_batches,
         mc_eval, mc_eval_items, tensorboard, wandb, wandb_project, peak_tflops (logging, bookkeeping,
-        evaluation and tracking: they change no weight) and activation_checkpointing (recomputes the
-        same activations to save memory). Kept: everything else, including device, precision,
+        evaluation and tracking: they change no weight), activation_checkpointing (recomputes the
+        same activations to save memory) and max_bad_steps, spike_factor, max_rollbacks (they act
+        only once a run diverges, and each rollback they cause is recorded in the stage's summary:
+        changing them must not retrain a run that never diverged, nor refuse to resume one that
+        stopped for running out of rollbacks). Kept: everything else, including device, precision,
         compile, distributed and loss_chunk_size, which change the numbers (precision) or may, at
         float-rounding level (kernels, reduction order): a result names everything that made it.
         `seed` is the resolved one (after resolve_seeds)."""
@@ -309,6 +319,10 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(not (self.optimizer == "muon" and self.distributed == "fsdp2"), f, f"{key}.optimizer",
                "is muon, which needs whole matrices (Newton-Schulz), but fsdp2 shards them; use distributed: ddp")
+        _check(self.max_bad_steps >= 1, f, f"{key}.max_bad_steps", f"must be at least 1, got {self.max_bad_steps}")
+        _check(self.spike_factor is None or self.spike_factor > 1, f, f"{key}.spike_factor",
+               f"must be above 1 (or null: no spike rule), got {self.spike_factor}")
+        _check(self.max_rollbacks >= 0, f, f"{key}.max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
         _check(self.loss_chunk_size >= 0, f, f"{key}.loss_chunk_size",
                f"must be >= 0 (0: plain loss), got {self.loss_chunk_size}")
         for switch, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):

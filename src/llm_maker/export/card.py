@@ -27,6 +27,7 @@ from llm_maker.markdown import MISSING, cell, number, percent, table
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import SFTConfig, TrainConfig
 from llm_maker.train.checkpoint import ModelMeta
+from llm_maker.train.divergence import rollback_text
 
 DEFAULT_TRAIN = {"pretrain": dataclasses.asdict(TrainConfig()), "sft": dataclasses.asdict(SFTConfig().train)}
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal pretraining
@@ -96,6 +97,9 @@ def training_section(recipe: Optional[dict[str, Any]], results: Sequence[dict[st
                        [[t["stage"], number(t.get("steps")), number(t.get("tokens_seen")), number(t.get("final_loss")),
                          number(t.get("val_loss")), t.get("precision", MISSING), t.get("device", MISSING)]
                         for t in results])
+    rollbacks = [f"- {t['stage']} {rollback_text(e)}." for t in results for e in t.get("rollbacks") or []]
+    if rollbacks:  # train/divergence.py: a divergence reloaded the last checkpoint and skipped its batches
+        lines += ["Divergence:", "", *rollbacks, ""]
     configs = {"pretrain": recipe.get("train"), "sft": (recipe.get("sft") or {}).get("train")}
     for stage in stages:
         if recipe:

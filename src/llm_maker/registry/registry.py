@@ -76,10 +76,11 @@ def newest_mtime(directory: Path) -> Optional[float]:
 
 
 def diverged_at(rows: list[dict[str, str]]) -> Optional[int]:
-    """The first logged step whose loss is NaN or infinite."""
+    """The first logged step whose loss is NaN or infinite, or where the trainer gave up on a
+    divergence (an `event` row "diverged at step N: ...", train/trainer.py)."""
     for r in rows:
         loss = as_float(r.get("loss"))
-        if loss is not None and not math.isfinite(loss):
+        if (loss is not None and not math.isfinite(loss)) or (r.get("event") or "").startswith("diverged"):
             return int(r["step"])
     return None
 

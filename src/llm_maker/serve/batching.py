@@ -1,7 +1,7 @@
 """Continuous batching: the worker thread that runs the server's jobs together, off the event loop.
 
     worker = GenerationWorker(engine, max_batch=8, max_waiting=16); worker.start()
-    worker.submit(job)                               # QueueFull when max_waiting jobs wait already
+    worker.submit(job)                               # QueueFull when 8 + 16 jobs are in already
 
 Concurrent requests decode together (`Batch`): every step feeds the newest token of each
 running job to the model as one (B, 1) batch over a `BatchKVCache` (serve/kv_cache.py), in
@@ -9,8 +9,11 @@ which each row has its own length and position. A new job joins between steps (i
 prefilled alone into a free row) and leaves as soon as it ends, so a short answer never waits
 for a long one.
 
-At most `max_batch` jobs run; at most `max_waiting` wait behind them, and a full queue is
-refused at once rather than queued without bound. Jobs are checked between steps, so
+At most `max_batch` jobs run; at most `max_waiting` wait behind them, and any more are refused
+at once rather than queued without bound. Admission counts the jobs the server holds, not the
+queue's length, so it does not depend on what the worker is doing: a job taken off the queue
+for its prefill counts as running, and a burst is admitted up to `max_batch + max_waiting`
+while the worker is still prefilling the first. Jobs are checked between steps, so
 `job.cancel()` (the client went away) frees the row within one step. With dynamic RoPE every
 row must share one rotary base (it depends on the planned length): a job needing another base
 waits for the batch to drain, and jobs behind it wait too (first come, first served).
@@ -33,7 +36,7 @@ log = logging.getLogger("llm_maker.serve")
 
 
 class QueueFull(LLMMakerError):
-    """Every row is busy and the waiting queue is full."""
+    """`max_batch` jobs run and `max_waiting` wait already."""
 
 
 class _Row:
@@ -177,15 +180,19 @@ _STOP = object()  # wakes the worker to shut down
 
 
 class GenerationWorker:
-    """A thread that runs jobs in a continuous `Batch`, fed from a bounded queue."""
+    """A thread that runs jobs in a continuous `Batch`, fed from a queue; `submit` admits at most
+    `max_batch + max_waiting` jobs at once (running, being prefilled or waiting)."""
 
     def __init__(self, engine: ChatEngine, max_batch: int = 8, max_waiting: int = 16):
         if max_waiting < 1:
             raise LLMMakerError(f"max_waiting must be at least 1, got {max_waiting}")
         self.batch = Batch(engine, max_batch)
         self.max_waiting = max_waiting
-        self._queue: queue.Queue = queue.Queue(maxsize=max_waiting)
+        self.capacity = max_batch + max_waiting
+        self._queue: queue.Queue = queue.Queue()  # bounded by `capacity`, counted in `_admitted`
         self._held: Optional[Job] = None  # taken from the queue, waiting for the batch to drain
+        self._admitted = 0  # jobs submitted and not ended yet, wherever they are
+        self._lock = threading.Lock()  # guards `_admitted` (submit runs on the event loop)
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._admitting = False
@@ -199,7 +206,8 @@ class GenerationWorker:
 
     @property
     def running(self) -> int:
-        return len(self.batch)
+        """Jobs decoding or being prefilled: admitted ones that no longer wait."""
+        return max(0, self._admitted - self.waiting)
 
     @property
     def busy(self) -> bool:
@@ -215,31 +223,39 @@ class GenerationWorker:
         if self._thread is None:
             return
         self._stopping.set()
-        try:
-            self._queue.put_nowait(_STOP)  # wakes a worker blocked on an empty queue
-        except queue.Full:
-            pass  # then it is not blocked
+        self._queue.put_nowait(_STOP)  # wakes a worker blocked on an empty queue
         self._thread.join(timeout_s)
         self._thread = None
 
     def submit(self, job: Job) -> None:
-        try:
+        """Queue `job`, or QueueFull when `capacity` jobs are in the server already. Never waits
+        for the worker: it holds the lock only between its own short updates."""
+        with self._lock:
+            if self._admitted >= self.capacity:
+                self.rejected += 1
+                raise QueueFull(f"the server is busy: {self.batch.max_rows} requests are running and "
+                                f"{self.max_waiting} are already waiting; retry shortly")
+            self._admitted += 1
             self._queue.put_nowait(job)
-        except queue.Full:
-            self.rejected += 1
-            raise QueueFull(f"the server is busy: {self.max_waiting} requests are already waiting; "
-                            f"retry shortly") from None
+
+    def _ended(self, n: int) -> None:
+        """`n` admitted jobs have ended (done, error or cancelled): their places are free."""
+        if n:
+            with self._lock:
+                self._admitted -= n
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._admit_waiting()
             if len(self.batch) and not self._stopping.is_set():
                 self.peak_batch = max(self.peak_batch, len(self.batch))
+                before = len(self.batch)
                 try:
                     self.batch.step()
                 except Exception as e:  # a bug must not kill the worker: report it to these requests
                     log.exception("a batched generation step failed")
                     self.failed += self.batch.fail(f"generation failed: {type(e).__name__}: {e}")
+                self._ended(before - len(self.batch))  # every job that leaves a row has ended
         self._shut_down()
 
     def _admit_waiting(self) -> None:
@@ -256,11 +272,13 @@ class GenerationWorker:
                 return
             if job.cancelled.is_set():  # the client left while the job waited
                 job.emit("done", {"finish_reason": "cancelled", "completion_tokens": 0, "prompt_tokens": 0})
+                self._ended(1)
                 continue
             if not self.batch.fits(job):
                 self._held = job
                 return
             self._admitting = True
+            before = len(self.batch)
             try:
                 self.batch.admit(job)
             except Exception as e:
@@ -269,9 +287,10 @@ class GenerationWorker:
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
                 self._admitting = False
+            self._ended(before + 1 - len(self.batch))  # 0 if it runs on; 1 if its first token ended it or it failed
 
     def _shut_down(self) -> None:
-        self.batch.fail("the server is shutting down")
+        n_ended = self.batch.fail("the server is shutting down")
         pending = [self._held] if self._held is not None else []
         self._held = None
         while True:
@@ -282,3 +301,5 @@ class GenerationWorker:
         for job in pending:
             if job is not _STOP:
                 job.emit("error", "the server is shutting down")
+                n_ended += 1
+        self._ended(n_ended)

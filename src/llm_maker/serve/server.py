@@ -8,11 +8,13 @@
     GET  /v1/models             the one model served
     GET  /health                model, context, queue and counters
 
-Requests are checked before any work: malformed JSON, an unknown role, a prompt that does
-not fit the context, max_tokens over the bound, a body over the size limit, each a 4xx with
-OpenAI's error body ({"error": {"message", "type", "param", "code"}}). Generation runs on a
-worker thread (serve/batching.py) that batches concurrent requests (continuous batching),
-behind a bounded queue (503 when full); a client that disconnects cancels its generation.
+Requests are checked before any work: malformed JSON, an unknown role, a field of the wrong
+JSON type (strictly: "10" is not an integer), a prompt that does not fit the context,
+max_tokens over the bound, a body over the size limit, each a 4xx with OpenAI's error body
+({"error": {"message", "type", "param", "code"}}). Generation runs on a worker thread
+(serve/batching.py) that batches concurrent requests (continuous batching); up to max_batch
+running plus max_waiting waiting are admitted, and the rest get 503 with Retry-After at once.
+A client that disconnects cancels its generation.
 `rolling_window: true` drops the oldest turns instead of refusing a long conversation (the web
 chat sets it) and reports how many in the `X-Dropped-Messages` header.
 """
@@ -38,6 +40,7 @@ from llm_maker.sft.templates import prompt_ids
 
 WEB_DIR = Path(__file__).parent / "web"
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+RETRY_AFTER_S = 1  # a 503's Retry-After: a row frees as soon as any running reply ends
 
 
 @dataclass(frozen=True)
@@ -74,19 +77,22 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------------------
 # The request, as OpenAI's API defines it (plus three extensions)
 # --------------------------------------------------------------------------------------
+# Strict: each field takes its JSON type only ("10" is not an integer, 1 is not a boolean);
+# an integer is still a number, so `temperature: 1` is fine.
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. OpenAI's optional `name`
+    model_config = ConfigDict(extra="ignore", strict=True)  # extra: e.g. OpenAI's optional `name`
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unsupported parameter is an error, not silently ignored
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unsupported parameter is an error, not ignored
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -97,13 +103,20 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
-    n: Literal[1] = 1
+    n: int = 1  # one choice only (see _one_choice); an int, not Literal[1], which takes `true`
     user: Optional[str] = None
     presence_penalty: float = 0.0  # accepted at their neutral value only (see _neutral_penalty)
     frequency_penalty: float = 0.0
     top_k: Optional[int] = Field(None, ge=1)  # extension
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension
     rolling_window: bool = False  # extension: drop the oldest turns to fit the context
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("Input should be 1 (one choice per request)")
+        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -171,11 +184,27 @@ def plan_request(engine: ChatEngine, settings: ServeSettings, req: ChatRequest) 
         raise ApiError(400, str(e), param="messages") from None
     max_new = asked if asked is not None else min(settings.default_max_tokens, context - len(ids))
     if len(ids) + max(max_new, 1) > context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens, but the messages take "
-                            f"{len(ids)} and max_tokens asks for {max(max_new, 1)} more; shorten the conversation, "
-                            f"lower max_tokens or set rolling_window", param="messages",
-                       code="context_length_exceeded")
+        raise ApiError(400, context_exceeded_message(context, len(ids), asked, req.rolling_window, messages, dropped),
+                       param="messages", code="context_length_exceeded")
     return ids, max_new, dropped
+
+
+def context_exceeded_message(context: int, n_prompt: int, asked: Optional[int], rolling_window: bool,
+                             kept: list[dict], dropped: int) -> str:
+    """Why a prompt does not fit and what the client can change. With rolling_window set, only the
+    last message (and a leading system message) is left, so setting it is not the advice."""
+    reply = f"max_tokens asks for {asked} more" if asked is not None else "no room is left for a reply"
+    if not rolling_window:
+        return (f"this model's maximum context length is {context} tokens, but the messages take {n_prompt} and "
+                f"{reply}; shorten the conversation, lower max_tokens or set rolling_window")
+    after = (f"even after rolling_window dropped every earlier turn ({dropped} message{'s' * (dropped != 1)}), "
+             if dropped else "")
+    with_system = len(kept) > 1 and kept[0]["role"] == "system"  # fit_history keeps it
+    what = "the system message and the last message take" if with_system else "the last message alone takes"
+    shorten = "the system message or the last message" if with_system else "the last message"
+    lower = " or lower max_tokens" if asked is not None and n_prompt < context else ""  # when that would help
+    return (f"this model's maximum context length is {context} tokens, but {after}{what} {n_prompt} tokens and "
+            f"{reply}; shorten {shorten}{lower}")
 
 
 def sampling_params(req: ChatRequest, max_new: int) -> SamplingParams:
@@ -278,7 +307,7 @@ def create_app(engine: ChatEngine, settings: ServeSettings = ServeSettings()) ->
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if e.status == 503 else None
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.get("/health")

@@ -15,8 +15,9 @@ from typing import Any
 from llm_maker.artifacts import (
     atomic_write_json,
     atomic_write_text,
+    fingerprint_inputs,
+    inputs_fingerprint,
     require_manifest,
-    stage_fingerprint,
     write_manifest,
 )
 from llm_maker.devices import resolve_device
@@ -26,9 +27,10 @@ from llm_maker.recipe import Recipe
 from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
 from llm_maker.sft.formats import data_signature, load_sft_data
 from llm_maker.sft.templates import hf_tokenizer_config, stop_token_ids
+from llm_maker.stopping import StageStopped
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train import trainer
-from llm_maker.train.checkpoint import ModelMeta, load_model_dir, prepare_stage_dir
+from llm_maker.train.checkpoint import ModelMeta, latest_checkpoint, load_model_dir, prepare_stage_dir
 from llm_maker.train.distributed import init_distributed
 from llm_maker.train.evaluation import token_accuracy
 from llm_maker.train.stage import multiple_choice_evaluations
@@ -41,13 +43,15 @@ def sft_conversations(recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, A
     return load_sft_data(recipe.sft.data, seed=recipe.seed, selection_key=recipe.data.selection_key)
 
 
-def sft_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
+def sft_inputs(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     """SFT config + upstream fingerprints + what else decides the data: the split key, the
-    recipe seed (built-in set), the bytes of each file source, the name of each hub dataset."""
+    recipe seed (built-in set), the bytes of each file source, the name of each hub dataset.
+    Hashed into the stage fingerprint; "settings" (the whole sft.train config) rides along unhashed."""
     data_sig = data_signature(recipe.sft.data, recipe.seed)
     config = {**dataclasses.asdict(recipe.sft), "train": recipe.sft.train.fingerprint_fields()}
-    return stage_fingerprint(config, paths.pretrain, paths.tokenizer,
-                             extra={"data": data_sig, "selection_key": recipe.data.selection_key})
+    inputs = fingerprint_inputs(config, paths.pretrain, paths.tokenizer,
+                                extra={"data": data_sig, "selection_key": recipe.data.selection_key})
+    return {**inputs, "settings": fingerprint_inputs(recipe.sft.train)["config"]}
 
 
 def token_accuracy_evaluation(batches: SFTBatches, max_batches: int) -> Evaluation:
@@ -68,10 +72,11 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     out = paths.sft
     tok_manifest = require_manifest(paths.tokenizer, "tokenizer")
     require_manifest(paths.pretrain, "pretrain")
-    fp = sft_fingerprint(recipe, paths)
+    inputs = sft_inputs(recipe, paths)
+    fp = inputs_fingerprint(inputs)
     ctx = init_distributed(resolve_device(recipe.sft.train.device))
     if prepare_stage_dir(out, fp, force, resume, ctx, "SFT", "SFT config, data or base model",
-                         "run `llm-maker sft RECIPE --force` to start SFT over"):
+                         "run `llm-maker sft RECIPE --force` to start SFT over", inputs):
         return out
     (out / "manifest.json").unlink(missing_ok=True)  # from here on, sft/ is not a finished stage
 
@@ -98,15 +103,17 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     tc = recipe.sft.train
     batches = SFTBatches(train_enc, tc.micro_batch_size, tokenizer.pad_id, seed=tc.seed, val_encoded=heldout_enc)
 
-    meta = ModelMeta(stage="sft", recipe=recipe.name, fingerprint=fp, chat_template=template,
+    meta = ModelMeta(stage="sft", recipe=recipe.name, fingerprint=fp, trained_with=inputs, chat_template=template,
                      stop_token_ids=stop_token_ids(tokenizer, template), base_model=str(paths.final("pretrain")))
     evaluations = [token_accuracy_evaluation(batches, tc.eval_batches),
                    *multiple_choice_evaluations(tc, tokenizer)]
     # trainer.run_training, looked up at call time: tests substitute it
     summary = trainer.run_training(model, batches, tc, out_dir=out, tokenizer=tokenizer, meta=meta, resume=resume,
                                    evaluations=evaluations)
-    if summary.get("stopped") or not summary.get("final_dir"):
-        return out  # paused: no manifest, so the next run resumes
+    if summary.get("stopped"):  # paused at a checkpoint: no manifest, so the next run resumes
+        raise StageStopped("sft", summary["steps"], summary["stopped_by"], latest_checkpoint(out / "checkpoints"))
+    if not summary.get("final_dir"):
+        return out  # not rank 0
     atomic_write_json(Path(summary["final_dir"]) / "tokenizer_config.json",
                       hf_tokenizer_config(template, model.config.seq_len))
     write_manifest(out, "sft", fp, template=template, summary=summary, tokenizer_hash=tokenizer.hash,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from llm_maker.artifacts import require_manifest, stage_fingerprint, write_manifest
+from llm_maker.artifacts import fingerprint_inputs, inputs_fingerprint, require_manifest, write_manifest
 from llm_maker.devices import resolve_device
 from llm_maker.errors import CheckpointError, RecipeError
 from llm_maker.eval.multiple_choice import training_hook
@@ -14,9 +14,10 @@ from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.model.presets import resolve_model_config
 from llm_maker.pack.shards import load_split
 from llm_maker.recipe import Recipe, TrainConfig
+from llm_maker.stopping import StageStopped
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.batches import PretrainBatches
-from llm_maker.train.checkpoint import ModelMeta, load_model_dir, prepare_stage_dir
+from llm_maker.train.checkpoint import ModelMeta, latest_checkpoint, load_model_dir, prepare_stage_dir
 from llm_maker.train.distributed import init_distributed, local_device
 from llm_maker.train.trainer import Evaluation, run_training
 
@@ -55,11 +56,13 @@ def multiple_choice_evaluations(tc: TrainConfig, tokenizer: Tokenizer) -> list[E
     return [] if hook is None else [lambda module, device, amp_dtype: hook(module)]
 
 
-def pretrain_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
+def pretrain_inputs(recipe: Recipe, paths: RunPaths) -> dict:
     """What decides the weights: the model shape, the train fields that change results (its
-    resolved seed included; not logging or checkpoint cadence), the packed tokens and tokenizer."""
-    return stage_fingerprint({"model": recipe.model, "train": recipe.train.fingerprint_fields()},
-                             paths.pack, paths.tokenizer)
+    resolved seed included; not logging or checkpoint cadence), the packed tokens and tokenizer.
+    Hashed into the stage fingerprint; "settings" (the whole train config) rides along unhashed."""
+    inputs = fingerprint_inputs({"model": recipe.model, "train": recipe.train.fingerprint_fields()},
+                                paths.pack, paths.tokenizer)
+    return {**inputs, "settings": fingerprint_inputs(recipe.train)["config"]}
 
 
 def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
@@ -73,9 +76,10 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     if pack_manifest.get("tokenizer_hash") != tokenizer.hash:
         raise CheckpointError(f"{paths.pack}: packed with tokenizer {pack_manifest.get('tokenizer_hash')}, "
                               f"but {paths.tokenizer} holds {tokenizer.hash}; rerun the pack stage")
-    fp = pretrain_fingerprint(recipe, paths)
+    inputs = pretrain_inputs(recipe, paths)
+    fp = inputs_fingerprint(inputs)
     if prepare_stage_dir(out, fp, force, resume, ctx, "pretraining", "model/train config or other data",
-                         f"pass --force to retrain from scratch (this deletes {out})"):
+                         f"pass --force to retrain from scratch (this deletes {out})", inputs):
         return out
     if recipe.model.init_from:
         model = initial_model(recipe.model.init_from, tokenizer)
@@ -89,10 +93,13 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     # batch source is the one-process one and a step sees the same blocks on any number of ranks.
     batches = PretrainBatches(load_split(paths.pack, "train"), cfg.seq_len, tc.micro_batch_size, seed=tc.seed,
                               val_tokens=load_split(paths.pack, "val"), device=device)
-    meta = ModelMeta(stage="pretrain", recipe=recipe.name, fingerprint=fp)
+    meta = ModelMeta(stage="pretrain", recipe=recipe.name, fingerprint=fp, trained_with=inputs)
     summary = run_training(model, batches, tc, out, tokenizer, meta, resume=resume,
                            evaluations=multiple_choice_evaluations(tc, tokenizer))
-    if summary["stopped"] or not ctx.is_main:
+    if summary["stopped"]:  # paused at a checkpoint: no manifest, so the next run resumes
+        raise StageStopped("pretrain", summary["steps"], summary["stopped_by"],
+                           latest_checkpoint(out / "checkpoints"))
+    if not ctx.is_main:
         return out
     write_manifest(out, "pretrain", fp, summary=summary, model=cfg.to_dict(),
                    parameters=count_parameters(cfg), tokenizer_hash=tokenizer.hash,

@@ -8,8 +8,14 @@ one process or many through torchrun (DDP / FSDP2, see train/distributed.py).
     val_batches() -> iterable of (x, y)
 and runs in four parts: `_setup` (device, ranks, wrapping, optimizer, resume), `_loop` (the
 steps), `_log_row` (one metrics.csv row) and `_finish` (final/ and the summary). The loop's
-state is a `TrainState` (train/checkpoint.py), saved in every checkpoint. Which held-out
-metrics to compute besides the validation loss is the caller's choice (`evaluations`).
+state is a `TrainState` (train/checkpoint.py) with the divergence rules' part (`RollbackState`,
+train/divergence.py), saved in every checkpoint. Which held-out metrics to compute besides the
+validation loss is the caller's choice (`evaluations`).
+
+Divergence: a step whose loss or gradient norm is not finite is skipped (`train_step`); too many
+in a row, a loss spike, or weights / a validation loss not finite at a checkpoint roll the run
+back to its last checkpoint, past the batches read since (`_roll_back`); no checkpoint and no
+final/ ever holds a non-finite weight, and a run that keeps diverging ends in a TrainingError.
 """
 from __future__ import annotations
 
@@ -20,12 +26,11 @@ import io
 import itertools
 import math
 import resource
-import signal
+import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch.amp import GradScaler
@@ -34,15 +39,16 @@ from tqdm.auto import tqdm
 
 from llm_maker.artifacts import atomic_write_text
 from llm_maker.devices import autocast, device_caps, precision_name, resolve_device, resolve_precision
-from llm_maker.errors import CheckpointError
+from llm_maker.errors import CheckpointError, TrainingError
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import DEFAULT_SEED, TrainConfig
+from llm_maker.stopping import StopRequest
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import (
     ModelMeta,
-    TrainState,
     latest_checkpoint,
-    load_checkpoint,
+    remove_leftovers,
+    resume_checkpoint,
     save_checkpoint,
     save_final_model,
 )
@@ -58,6 +64,18 @@ from llm_maker.train.distributed import (
     to_float,
     wrap_model,
 )
+from llm_maker.train.divergence import (
+    Divergence,
+    RollbackState,
+    check_window,
+    divergence_error,
+    nonfinite_step,
+    rollback_event,
+    rollback_text,
+    skip_as_overflow,
+    step_unless,
+    weights_are_finite,
+)
 from llm_maker.train.evaluation import mean_loss
 from llm_maker.train.loss import CausalLMLoss
 from llm_maker.train.mfu import device_peak_tflops, mfu
@@ -66,7 +84,7 @@ from llm_maker.train.schedule import cosine_lr
 from llm_maker.train.trackers import open_trackers
 
 METRICS_FIELDS = ["step", "tokens", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                  "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm", "skipped_steps"]
+                  "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm", "skipped_steps", "event"]
 
 
 class BatchSource(Protocol):
@@ -103,42 +121,10 @@ def apply_activation_checkpointing(model: LlamaModel) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-class StopRequest:
-    """Set by SIGINT/SIGTERM or by a STOP file; the loop checkpoints and exits cleanly."""
-
-    def __init__(self, stop_files: list[Path]):
-        self.stop_files = stop_files
-        self.signal_name: Optional[str] = None
-
-    def __call__(self) -> Optional[str]:
-        if self.signal_name:
-            return self.signal_name
-        for f in self.stop_files:
-            if f.exists():
-                return f"STOP file {f}"
-        return None
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        def handler(signum, frame):
-            self.signal_name = signal.Signals(signum).name
-
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: rely on the STOP file
-            pass
-        try:
-            yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-
-
 class MetricsLog:
-    """metrics.csv: one row per logged step; on resume, rows after the checkpoint are dropped.
-    Only rank 0 writes the file (`write=False` on the others, which keep the rows in memory)."""
+    """metrics.csv: one row per logged step; on resume or a rollback, rows after the checkpoint
+    are dropped. A rollback adds an `event` row at the step it went back to. Only rank 0 writes
+    the file (`write=False` on the others, which keep the rows in memory)."""
 
     def __init__(self, path: Path, resume_step: Optional[int], write: bool = True):
         self.path, self.enabled = path, write
@@ -146,62 +132,98 @@ class MetricsLog:
         if not write:  # every checkpoint has its row, so the last row is the resumed step
             self.rows = [{"step": resume_step}] if resume_step else []
             return
-        rows = []
+        self.rows = []
         if resume_step is not None and path.is_file():
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRICS_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(path, buf.getvalue())
-        self.rows = rows
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self._rewrite()
 
     def write(self, row: dict[str, Any]) -> None:
         row = {k: ("" if row.get(k) is None else row.get(k)) for k in METRICS_FIELDS}
         for sink in self.sinks:
             sink.log(row)
-        if not self.enabled:
-            self.rows.append(row)
-            return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRICS_FIELDS).writerow(row)
+        self._append(row)
+
+    def write_event(self, step: int, tokens: int, event: str, loss: Optional[float] = None) -> None:
+        """A row that records an event (a rollback, the divergence that ends a run), not a
+        measurement: trackers do not get it."""
+        self._append({k: "" for k in METRICS_FIELDS} | {"step": step, "tokens": tokens, "event": event,
+                                                       "loss": "" if loss is None else loss})
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step`: a rollback to its checkpoint, as resume does."""
+        self.rows = [r for r in self.rows if int(r["step"]) <= step]
+        self._rewrite()
+
+    def _append(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=METRICS_FIELDS).writerow(row)
         self.rows.append(row)
+
+    def _rewrite(self) -> None:
+        if not self.enabled:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRICS_FIELDS)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class StepResult(NamedTuple):
+    """What one step leaves on the device (0-dim tensors), read only at logged steps."""
+
+    grad_norm: torch.Tensor
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches
+    skipped: torch.Tensor  # 1. when the step changed nothing (non-finite loss or gradient norm), else 0.
 
 
 def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any, batches: BatchSource,
                micro_batch_indices: list[int], tc: TrainConfig, device: torch.device,
                amp_dtype: Optional[torch.dtype], loss_acc: torch.Tensor, scaler: Optional[GradScaler] = None,
-               ctx: DistContext = DistContext()) -> torch.Tensor:
+               ctx: DistContext = DistContext()) -> StepResult:
     """One optimizer step over this rank's micro-batches: forward, backward (the gradient of their
-    mean loss), clip, step; returns the grad norm. `train_module(x, y)` is the loss (a
-    `CausalLMLoss`, maybe wrapped). Adds the mean loss to `loss_acc` on the device: nothing here
-    waits for the GPU, so the host queues the next step while this one runs.
+    mean loss), clip, step. `train_module(x, y)` is the loss (a `CausalLMLoss`, maybe wrapped).
+    Adds the mean loss to `loss_acc` on the device: nothing here waits for the GPU (AdamW on
+    CUDA), so the host queues the next step while this one runs.
+
+    A step whose loss or gradient norm is not finite on any rank is skipped on every rank: no
+    weight and no optimizer state changes, and its loss stays out of `loss_acc`
+    (train/divergence.py's `step_unless` decides on the device where the optimizer allows).
 
     fp16 (`scaler`): the loss is scaled before backward so small gradients survive float16; the
     gradients are unscaled before clipping; a step whose gradients overflowed is skipped (on every
     rank alike) and the scale halved, as torch.amp.GradScaler does."""
     n = len(micro_batch_indices)
+    loss_before = loss_acc.clone()  # what `loss_acc` goes back to if this step's loss is not finite
+    step_loss = torch.zeros((), device=device)
     for i, index in enumerate(micro_batch_indices):
         x, y = batches.micro_batch(index)
         with gradient_sync(train_module, last_micro_batch=i == n - 1):
             with autocast(device, amp_dtype):
                 loss = train_module(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / n if scaler is None else scaler.scale(loss / n)).backward()
-        loss_acc += loss.detach() / n
+        share = loss.detach() / n
+        loss_acc += share
+        step_loss += share
     if scaler is not None:
         scaler.unscale_(optimizer)  # true gradients before clipping
         agree_on_overflow(scaler, optimizer, ctx)
-    grad_norm = torch.zeros(())
     if tc.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    else:  # not clipped, but its finiteness decides the step all the same
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    loss_bad, skip = nonfinite_step(step_loss, grad_norm, ctx)
+    loss_acc.copy_(torch.where(loss_bad, loss_before, loss_acc))
     if scaler is None:
-        optimizer.step()
+        step_unless(optimizer, skip)
     else:
-        scaler.step(optimizer)  # skipped when an inf/nan gradient was found
+        skip = skip_as_overflow(scaler, optimizer, skip)
+        scaler.step(optimizer)  # skipped when an inf/nan gradient was found (or the loss was not finite)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return StepResult(grad_norm, step_loss, skip)
 
 
 def agree_on_overflow(scaler: GradScaler, optimizer: Any, ctx: DistContext) -> None:
@@ -231,7 +253,7 @@ class _Run:
     loss_module: CausalLMLoss  # the model with its loss, for evaluation (FSDP2's root under fsdp2)
     train_module: torch.nn.Module  # what forward/backward runs through: DDP / compiled / loss_module
     optimizer: Any
-    state: TrainState
+    state: RollbackState
     metrics: "MetricsLog"
     stop: "StopRequest"
     progress: Any
@@ -241,6 +263,7 @@ class _Run:
     t0: float = field(default_factory=time.perf_counter)
     window_start: float = field(default_factory=time.perf_counter)  # wall clock of the previous logged row
     window_tokens: int = 0
+    window: list[torch.Tensor] = field(default_factory=list)  # each step's (loss, skipped) since the last row
 
 
 def run_training(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
@@ -252,8 +275,14 @@ def run_training(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_d
     (whose config.json carries `meta`). At every eval step the validation loss and each of
     `evaluations` are computed and logged."""
     run = _setup(model, batches, tc, Path(out_dir), tokenizer, ModelMeta.of(meta), resume, evaluations)
+    for f in run.stop.present() if run.ctx.is_main else []:
+        print(f"note: {f} is present: this run stops after its first step (delete it to train on)",
+              file=sys.stderr, flush=True)
     with run.stop.installed():
         stopped_by = _loop(run)
+    if stopped_by is not None:  # obeyed: the next --resume goes on
+        for done in run.stop.consume(run.state.step, rename=run.ctx.is_main):
+            print(f"{done.with_name('STOP')} obeyed at step {run.state.step}: renamed {done.name}", flush=True)
     return _finish(run, stopped_by)
 
 
@@ -281,9 +310,11 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     if ckpt is not None and not resume:
         raise CheckpointError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or --force to "
                               "start over")
-    state = load_checkpoint(ckpt, model, optimizer, tokenizer) if ckpt is not None else TrainState()
+    remove_leftovers(out_dir, ctx)  # the temp dirs of killed checkpoint / final/ writes (rank 0)
+    ckpt, state = resume_checkpoint(ckpt_root, model, optimizer, tokenizer, tc.keep_checkpoints, ctx)
     if scaler is not None and state.scaler is not None:
         scaler.load_state_dict(state.scaler)  # exact resume: the same scale and growth tracker
+    state = RollbackState.restore(state, ckpt)  # and the data a rollback skipped, the rules' counters
     barrier(ctx)  # every rank has looked for checkpoints before any rank writes one
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=state.step if ckpt is not None else None,
                          write=ctx.is_main)
@@ -301,34 +332,45 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
 
 
 def _loop(run: _Run) -> Optional[str]:
-    """Optimizer steps until max_steps, or until a signal / STOP file: then the reason."""
-    tc, state = run.tc, run.state
+    """Optimizer steps until max_steps, or until a signal / STOP file: then the reason. A
+    divergence, seen at a logged step, rolls the run back (`_roll_back`) and the loop goes on."""
+    tc = run.tc
     loss_acc = torch.zeros((), device=run.device)  # summed on the device, read only at logged steps
-    scale = run.scaler.get_scale() if run.scaler is not None else None  # fp16: the loss scale before each step
-    while state.step < tc.max_steps:
+    while run.state.step < tc.max_steps:
+        state = run.state  # a rollback replaces it
         lr = cosine_lr(state.step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = train_step(run.train_module, run.model, run.optimizer, run.batches,
-                               rank_micro_batches(state.step, tc.grad_accum_steps, run.ctx), tc, run.device,
-                               run.amp_dtype, loss_acc, run.scaler, run.ctx)
+        data_step = state.step + state.data_skip_steps  # past the batches that rollbacks skipped
+        result = train_step(run.train_module, run.model, run.optimizer, run.batches,
+                            rank_micro_batches(data_step, tc.grad_accum_steps, run.ctx), tc, run.device,
+                            run.amp_dtype, loss_acc, run.scaler, run.ctx)
+        run.window.append(torch.stack([result.loss, result.skipped]))
         state.step += 1
         state.tokens_seen += run.tokens_per_step
-        if run.scaler is not None:  # one read of the scale a step (GradScaler.step syncs anyway)
-            new_scale = run.scaler.get_scale()
-            state.skipped_steps += new_scale < scale  # the scale only falls on an overflow, which skipped the step
-            scale = new_scale
         run.window_tokens += run.tokens_per_step
         run.progress.update(1)
 
         final = state.step == tc.max_steps
         stop_reason = agree_on_stop(run.stop(), run.ctx)  # all ranks stop at the same step
+        checkpointed = state.step % tc.checkpoint_every == 0 or final or stop_reason
+        logged = state.step % tc.log_every == 0 or state.step % tc.eval_every == 0 or checkpointed
+        # every checkpoint has its row, so resume logs identically; and its window is checked first
+        if logged:
+            divergence, finite_steps = _read_window(run)
+            if divergence is not None:
+                _roll_back(run, divergence, loss_acc)
+                continue
         if state.step % tc.eval_every == 0 or final:
             _evaluate(run)
-        if (state.step % tc.log_every == 0 or state.step % tc.eval_every == 0 or state.step % tc.checkpoint_every == 0
-                or final or stop_reason):  # every checkpoint has its row, so resume logs identically
-            _log_row(run, loss_acc, lr, grad_norm)
-        if state.step % tc.checkpoint_every == 0 or final or stop_reason:
+        if logged:
+            _log_row(run, loss_acc, lr, result.grad_norm, finite_steps)
+        if checkpointed:
+            unfit = _unfit_to_save(run)
+            if unfit is not None:  # never a non-finite weight on disk: go back instead
+                _roll_back(run, Divergence(state.step, math.nan if state.loss is None else state.loss, unfit),
+                           loss_acc)
+                continue
             if run.scaler is not None:
                 state.scaler = run.scaler.state_dict()  # what resume needs for the same scale and growth tracker
             save_checkpoint(run.out_dir / "checkpoints", run.model, run.optimizer, run.tokenizer, run.meta, state,
@@ -337,6 +379,77 @@ def _loop(run: _Run) -> Optional[str]:
         if stop_reason and not final:
             return stop_reason
     return None
+
+
+def _read_window(run: _Run) -> tuple[Optional[Divergence], int]:
+    """The steps since the last row, read in one host sync (their losses averaged over ranks):
+    skipped steps counted (and said), the divergence rules applied. Returns (the divergence or
+    None, how many of the steps had a finite loss); every rank decides alike."""
+    tc, state = run.tc, run.state
+    records = mean_over_ranks(torch.stack(run.window), run.ctx).tolist()  # (steps, 2): loss, skipped
+    run.window.clear()
+    losses, skipped = [loss for loss, _ in records], [skip > 0 for _, skip in records]
+    divergence, skipped_steps = check_window(state, losses, skipped, tc.warmup_steps, tc.max_bad_steps,
+                                             tc.spike_factor)
+    if skipped_steps and run.ctx.is_main:
+        _say(f"skipped step(s) {', '.join(map(str, skipped_steps))}: the loss or gradient norm was not finite, "
+             f"so no weight changed ({state.skipped_steps} skipped in all)")
+    if agree_on_stop("diverged" if divergence else None, run.ctx) and divergence is None:  # a safety net
+        divergence = Divergence(state.step, math.nan, "diverged on another rank")
+    return divergence, sum(math.isfinite(loss) for loss in losses)
+
+
+def _unfit_to_save(run: _Run) -> Optional[str]:
+    """Why the model must not be saved now (a weight or the validation loss is not finite), or None."""
+    why = None
+    if not weights_are_finite(run.model):
+        why = "a weight is not finite"
+    elif run.state.val_loss is not None and not math.isfinite(run.state.val_loss):
+        why = f"the validation loss is {run.state.val_loss}"
+    if agree_on_stop(why, run.ctx) and why is None:  # FSDP2: another rank's shard
+        why = "a weight is not finite on another rank"
+    return why
+
+
+def _roll_back(run: _Run, divergence: Divergence, loss_acc: torch.Tensor) -> None:
+    """Reload the newest checkpoint (weights, optimizer, scaler, RNG: what resume restores), skip
+    the batches read since, as PaLM did, and say so (stderr, an `event` row in metrics.csv, the
+    summary). Raises TrainingError when train.max_rollbacks are used up or there is no checkpoint."""
+    tc, old = run.tc, run.state
+    root = run.out_dir / "checkpoints"
+    ckpt, loaded = (None, None) if len(old.rollbacks) >= tc.max_rollbacks else \
+        resume_checkpoint(root, run.model, run.optimizer, run.tokenizer, tc.keep_checkpoints, run.ctx)
+    if ckpt is None:
+        run.metrics.write_event(divergence.step, old.tokens_seen, f"diverged at step {divergence.step}: "
+                                f"{divergence.why}; stopped", loss=divergence.loss)
+        run.progress.close()
+        for sink in run.metrics.sinks:
+            sink.close()
+        raise divergence_error(divergence, len(old.rollbacks), tc.max_rollbacks, latest_checkpoint(root), tc.lr,
+                               precision_name(run.amp_dtype))
+    state = RollbackState.restore(loaded, ckpt)
+    event = rollback_event(divergence, to_step=state.step, skipped_batches=old.step - state.step)
+    state.data_skip_steps = old.data_skip_steps + event["skipped_batches"]
+    state.rollbacks = old.rollbacks + [event]
+    state.bad_steps_in_a_row = 0  # other batches from here on
+    if run.scaler is not None and state.scaler is not None:
+        run.scaler.load_state_dict(state.scaler)
+    run.state = state
+    loss_acc.zero_()
+    run.window.clear()
+    run.window_start, run.window_tokens = time.perf_counter(), 0
+    run.progress.n = state.step
+    run.progress.refresh()
+    run.metrics.rewind(state.step)
+    run.metrics.write_event(state.step, state.tokens_seen, rollback_text(event))
+    if run.ctx.is_main:
+        _say(f"step {divergence.step}: {divergence.why}: rolled back to {ckpt.name} and skipped the "
+             f"{event['skipped_batches']} batches read since (rollback {len(state.rollbacks)} of at most "
+             f"{tc.max_rollbacks})")
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
 
 
 def _evaluate(run: _Run) -> None:
@@ -348,39 +461,49 @@ def _evaluate(run: _Run) -> None:
         run.state.evals.update(evaluation(run.loss_module, run.device, run.amp_dtype))
 
 
-def _log_row(run: _Run, loss_acc: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
-    """One metrics.csv row and the progress bar. The only host-device sync: once per logged step."""
+def _log_row(run: _Run, loss_acc: torch.Tensor, lr: float, grad_norm: torch.Tensor, finite_steps: int) -> None:
+    """One metrics.csv row and the progress bar. With `_read_window`, the only host-device syncs:
+    at logged steps. The loss is the mean over the window's `finite_steps` (the steps `loss_acc`
+    has summed); when none was finite the cell stays empty and the last finite loss stands."""
     state = run.state
-    window_steps = max(1, state.step - state.window_start_step)  # the steps `loss_acc` has summed
-    state.loss = mean_over_ranks(loss_acc, run.ctx).item() / window_steps
+    loss_sum = mean_over_ranks(loss_acc, run.ctx).item()
+    if finite_steps:
+        state.loss = loss_sum / finite_steps
     state.window_start_step = state.step
     loss_acc.zero_()
     now = time.perf_counter()
     tps = run.window_tokens / max(now - run.window_start, 1e-9)
     run.window_start, run.window_tokens = now, 0
-    row = {"step": state.step, "tokens": state.tokens_seen, "epoch": round(_epoch(run.batches, state.step, run.tc), 4),
-           "loss": round(state.loss, 6), "val_loss": None if state.val_loss is None else round(state.val_loss, 6),
+    epoch = _epoch(run.batches, state.step + state.data_skip_steps, run.tc)
+    row = {"step": state.step, "tokens": state.tokens_seen, "epoch": round(epoch, 4),
+           "loss": round(state.loss, 6) if finite_steps else None,
+           "val_loss": None if state.val_loss is None else round(state.val_loss, 6),
            "lr": f"{lr:.3e}", "grad_norm": round(to_float(grad_norm), 4), "tokens_per_s": round(tps, 1),
            "mfu": _fmt(mfu(run.flops_per_token, tps, run.peak_tflops, run.ctx.world_size)),
            "peak_mem_mb": _peak_mem_mb(run.device), "elapsed_s": round(now - run.t0, 2), **state.evals,
-           "skipped_steps": state.skipped_steps if run.scaler is not None else None}
+           "skipped_steps": state.skipped_steps}
     run.metrics.write(row)
-    run.progress.set_postfix(loss=f"{state.loss:.3f}", val="-" if state.val_loss is None else f"{state.val_loss:.3f}",
+    run.progress.set_postfix(loss="-" if state.loss is None else f"{state.loss:.3f}",
+                             val="-" if state.val_loss is None else f"{state.val_loss:.3f}",
                              lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=row["mfu"] or "-",
-                             **({"skipped": state.skipped_steps} if run.scaler is not None else {}), refresh=False)
+                             **({"skipped": state.skipped_steps} if state.skipped_steps else {}), refresh=False)
 
 
 def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
-    """Close the progress bar and sinks; when finished (not stopped), write final/."""
+    """Close the progress bar and sinks; when finished (not stopped), write final/ -- never with a
+    non-finite training loss as its result (the loop has checked the weights at the last step)."""
     run.progress.close()
     for sink in run.metrics.sinks:
         sink.close()
     state = run.state
+    if stopped_by is None and not (state.loss is not None and math.isfinite(state.loss)):
+        raise TrainingError(f"training ended at step {state.step} without a finite training loss ({state.loss}): "
+                            f"no final model was written; see {run.out_dir / 'metrics.csv'}")
     summary = {"steps": state.step, "max_steps": run.tc.max_steps, "tokens_seen": state.tokens_seen,
                "final_loss": state.loss, "val_loss": state.val_loss, "stopped": stopped_by is not None,
                "stopped_by": stopped_by, "parameters": run.model.num_parameters(), "device": str(run.device),
                "world_size": run.ctx.world_size, "precision": precision_name(run.amp_dtype),
-               "skipped_steps": state.skipped_steps, "final_dir": None}
+               "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks, "final_dir": None}
     if stopped_by is None:
         final_meta = dataclasses.replace(run.meta, steps=state.step, tokens_seen=state.tokens_seen,
                                          final_loss=state.loss, val_loss=state.val_loss)
