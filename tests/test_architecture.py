@@ -6,7 +6,7 @@ down the layers below (a module may import its own layer and the layers under it
     2  recipe       the typed YAML schema and its rules
     3  inputs       tokenizer, data sources and selection, packed token shards
     4  train        the loop, its loss, checkpoints, distribution, metrics sinks
-    5  uses         sft (templates, datasets, formats), serve, audit, eval's scorers
+    5  uses         sft (templates, datasets, formats), serve, audit, eval's scorers, plan (memory, time, cost)
     6  outputs      export (HF, GGUF, cards), registry
     7  lm-eval      eval/lm_eval_suite.py (runs on an HF export)
     8  stages       each package's stage function (data/stage.py, pack/packer.py, ...)
@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("recipe",),
     ("tokenizer", "data", "pack"),
     ("train",),
-    ("sft", "serve", "audit", "eval"),
+    ("sft", "serve", "audit", "eval", "plan"),
     ("export", "registry"),
     ("eval.lm_eval_suite",),
     ("data.stage", "tokenizer.stage", "pack.packer", "train.stage", "sft.stage", "eval.evaluate"),

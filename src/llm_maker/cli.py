@@ -3,6 +3,7 @@
     llm-maker pipeline RECIPE        every stage in order (skips what is up to date, resumes)
     llm-maker data|tokenizer|pack RECIPE
     llm-maker pretrain|sft RECIPE [--resume] [--force]
+    llm-maker plan RECIPE [--device h100] [--gpus N] [--tokens-per-s N | --mfu X]   memory, fit, time, cost
     torchrun --nproc_per_node=N -m llm_maker pretrain RECIPE   N processes: DDP, or FSDP2 (train.distributed)
     llm-maker eval RECIPE                                the recipe's eval stage (eval/report.md)
     llm-maker lm-eval RUN_DIR --suite TASKS [--baseline [NAME=]DIR]   lm-evaluation-harness (+ baselines)
@@ -65,6 +66,27 @@ def cmd_stage(args) -> int:
 
     print(run_stage(args.command, _recipe(args), resume=getattr(args, "resume", False), force=args.force))
     return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from llm_maker.artifacts import atomic_write_json
+    from llm_maker.plan import format_plan, make_plan, named_device, recipe_device_spec
+    from llm_maker.recipe import load_recipe, parse_override
+
+    overrides = dict(parse_override(o) for o in (args.set or []))
+    recipe = load_recipe(args.recipe, overrides=overrides, check_files=False)  # plan runs before any input exists
+    device = named_device(args.device) if args.device else recipe_device_spec(recipe)
+    plan = make_plan(recipe, device, gpus=args.gpus, tokens_per_s=args.tokens_per_s, mfu_fraction=args.mfu,
+                     price_per_hour=args.price_per_hour)
+    if args.json == "-":
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+        if args.json:
+            atomic_write_json(args.json, plan.to_dict())
+    return 1 if plan.fits is False else 0
 
 
 def cmd_generate(args) -> int:
@@ -196,12 +218,13 @@ def resume_command(args) -> str:
 
 
 def _model_dir(run_dir: str, which: Optional[str]) -> Path:
-    """The model `--model` names: base, sft, a model directory, or (None) the run's newest model."""
+    """The model `--model` names: base, sft, a model directory, or (None) the run's newest model;
+    of a training stage, the one later stages take (RunPaths.model: best/ or final/ as the recipe chose)."""
     paths = RunPaths.of(run_dir)
     if which == "base":
-        return paths.final("pretrain")
+        return paths.model("pretrain")
     if which == "sft":
-        return paths.final("sft")
+        return paths.model("sft")
     if which:
         return Path(which)
     if (Path(run_dir) / "config.json").is_file():  # a model directory itself
@@ -249,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.trains:
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("plan", help="before any compute: parameters, tokens, memory per GPU and whether it fits, "
+                                    "time and cost of pretraining (exit 1 if it does not fit)")
+    p.add_argument("recipe", help="the YAML recipe")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--device", help="t4, l4, a10g, rtx3090, rtx4090, l20, l40s, a100-40gb, a100-80gb, h100, "
+                                    "h100-pcie, h100-nvl, h200 or cpu (default: train.device on this machine)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--tokens-per-s", type=float, help="the whole run's tokens/s, all GPUs (metrics.csv's "
+                                                          "tokens_per_s)")
+    speed.add_argument("--mfu", type=float, help="the MFU to assume (default: this project's bench record for the "
+                                                 "device, else 0.35)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (torchrun ranks) of the run (default 1)")
+    p.add_argument("--price-per-hour", type=float, help="USD per GPU-hour (default: the device table's)")
+    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON ('-': print JSON instead of the table)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("lm-eval", help="benchmark a model with lm-evaluation-harness (named tasks, local .jsonl "
                                        "files), against baselines")

@@ -9,17 +9,23 @@
         pack/                train.bin, val.bin (a split larger than pack.shard_tokens: shards
                              train-00000.bin, train-00001.bin, ...), manifest.json;
                              data_report.{json,md}, doc_lengths.png (`llm-maker data-report`)
-        pretrain/            checkpoints/step_XXXXXXXX/, final/, metrics.csv, manifest.json
-        sft/                 data/, checkpoints/, final/, metrics.csv, manifest.json
+        pretrain/            checkpoints/step_XXXXXXXX/, final/, best/ (train.keep_best), metrics.csv,
+                             manifest.json
+        sft/                 data/, checkpoints/, final/, best/, metrics.csv, manifest.json
         eval/                report.json, report.md, manifest.json;
                              lm_eval/{results.json,table.md,tasks/} (`llm-maker lm-eval`)
         audit/               contamination.{json,md} (`llm-maker audit`)
         card.md, plots/      the model card and its training curves (`llm-maker card` / `registry`)
 
-A model directory (`final/`, or the model inside a checkpoint) holds WEIGHTS, config.json and
-tokenizer.json (train/checkpoint.py). Each stage writes the directory named after it; STAGES is
+A model directory (`final/`, `best/`, or the model inside a checkpoint) holds WEIGHTS, config.json
+and tokenizer.json (train/checkpoint.py). Each stage writes the directory named after it; STAGES is
 the one list of them, read by the pipeline (which adds how to run each), the CLI, the summary
 and the registry.
+
+A training stage may keep two models: final/ (the last step) and best/ (the evaluation with the
+best validation metric). Which one later stages take (eval, chat, serve, export, lm-eval) is the
+recipe's choice (`sft.use`, `sft.start_from`), recorded in the SFT stage's manifest; `RunPaths.model`
+is the one place that reads it.
 """
 from __future__ import annotations
 
@@ -27,10 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from llm_maker.artifacts import read_manifest
 from llm_maker.errors import LLMMakerError
 
 WEIGHTS = "model.safetensors"  # a model directory's weights
-FINAL = "final"  # a training stage's finished model directory
+FINAL = "final"  # a training stage's finished model directory: its last step
+BEST = "best"  # its model at the evaluation with the best validation metric (train.keep_best)
+KEPT_MODELS = (FINAL, BEST)
 SPLITS = ("train", "val")  # the data and pack stages' splits
 
 
@@ -68,10 +77,25 @@ class RunPaths:
         return self.root / name
 
     def final(self, name: str) -> Path:
-        """The finished model directory of a training stage (`pretrain` or `sft`)."""
+        """The finished model directory of a training stage (`pretrain` or `sft`): its last step."""
+        return self._train_stage_dir(name) / FINAL
+
+    def best(self, name: str) -> Path:
+        """A training stage's model at its best evaluation (written with train.keep_best)."""
+        return self._train_stage_dir(name) / BEST
+
+    def model(self, name: str) -> Path:
+        """The model of a training stage that later stages take: best/ or final/, as the SFT
+        manifest records the recipe's choice (`use` for SFT, `start_from` for pretraining);
+        final/ when nothing says best or best/ holds no weights."""
+        key = "use" if name == "sft" else "start_from"
+        chosen = self._train_stage_dir(name) / (read_manifest(self.sft) or {}).get(key, FINAL)
+        return chosen if chosen.name in KEPT_MODELS and (chosen / WEIGHTS).is_file() else self.final(name)
+
+    def _train_stage_dir(self, name: str) -> Path:
         if name not in TRAIN_STAGES:
             raise LLMMakerError(f"stage {name!r} trains no model; the training stages are {', '.join(TRAIN_STAGES)}")
-        return self.stage_dir(name) / FINAL
+        return self.stage_dir(name)
 
     @property
     def recipe(self) -> Path:
@@ -102,15 +126,15 @@ class RunPaths:
         return self.stage_dir("eval")
 
     def final_model(self) -> Path:
-        """The newest finished model: SFT's if it exists, else pretraining's."""
+        """The newest finished model: SFT's if it exists, else pretraining's (each as `model` picks)."""
         for stage in ("sft", "pretrain"):
-            if (self.final(stage) / WEIGHTS).is_file():
-                return self.final(stage)
+            if (self.model(stage) / WEIGHTS).is_file():
+                return self.model(stage)
         raise LLMMakerError(f"{self.root}: no finished model (pretrain/final or sft/final); run the pipeline first")
 
 
 def run_dir_of(model_dir: Path) -> Optional[Path]:
-    """RUN_DIR for RUN_DIR/{pretrain,sft}/final (or a checkpoint under them), else None."""
+    """RUN_DIR for RUN_DIR/{pretrain,sft}/{final,best} (or a checkpoint under them), else None."""
     for parent in [model_dir, *model_dir.parents][:4]:
         if parent.name in TRAIN_STAGES:
             return parent.parent

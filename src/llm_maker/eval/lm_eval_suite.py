@@ -32,7 +32,7 @@ from llm_maker.artifacts import atomic_write_json, atomic_write_text
 from llm_maker.devices import inference_dtype, precision_name, resolve_device
 from llm_maker.errors import LLMMakerError
 from llm_maker.export.hf import export_to_temp
-from llm_maker.layout import FINAL, TRAIN_STAGES, run_dir_of
+from llm_maker.layout import KEPT_MODELS, TRAIN_STAGES, run_dir_of
 from llm_maker.markdown import MISSING
 from llm_maker.tokenizer.tokenizer import Tokenizer
 
@@ -236,9 +236,9 @@ def default_batch_size(device: str) -> Any:
 
 
 def model_label(model_dir: Path) -> str:
-    """`demo/sft` for runs/demo/sft/final; the folder name otherwise."""
+    """`demo/sft` for runs/demo/sft/final (or sft/best); the folder name otherwise."""
     model_dir = Path(model_dir).resolve()
-    if model_dir.name == FINAL and model_dir.parent.name in TRAIN_STAGES:
+    if model_dir.name in KEPT_MODELS and model_dir.parent.name in TRAIN_STAGES:
         return f"{model_dir.parent.parent.name}/{model_dir.parent.name}"
     return model_dir.name
 

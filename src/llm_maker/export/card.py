@@ -5,7 +5,7 @@ Two cards describe a model: the README.md of a Hugging Face export (here) and a 
 the same sections, each a pure function of what the run recorded:
 
     architecture_section(dims, parameters)   the shape, and why, where the dims decide it
-    training_section(...)                    data, per-stage results and settings
+    training_section(...)                    data, per-stage results, the model each stage kept, settings
     evaluation_section(report, lm_eval)      eval/report.json and eval/lm_eval/results.json
     samples_section(report)                  greedy answers from the eval report
     limitations(...)                         limits that follow from the run's numbers, then the general ones
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from llm_maker.artifacts import as_float, read_json, read_manifest
-from llm_maker.layout import TRAIN_STAGES, run_dir_of
+from llm_maker.layout import BEST, FINAL, KEPT_MODELS, TRAIN_STAGES, RunPaths, run_dir_of
 from llm_maker.markdown import MISSING, cell, number, percent, table
 from llm_maker.model.llama import LlamaModel
 from llm_maker.recipe import SFTConfig, TrainConfig
@@ -77,10 +77,30 @@ def recipe_rows(train: dict[str, Any], seq_len: Optional[int]) -> list[list[Any]
             ["seed", train.get("seed", MISSING)]]
 
 
+def kept_text(summary: dict[str, Any], kept: str = FINAL) -> Optional[str]:
+    """Which model of a training stage later stages take, and why, from its manifest summary:
+    "best: step 100, val loss 3.227 (final: step 300, 3.586)", or for final/ "final: step 300, val
+    loss 3.586 (best: step 100, 3.227)". None when no best evaluation was recorded, or final/ was
+    also the best."""
+    best = summary.get("best") or {}
+    step, value = best.get("step"), as_float(best.get("value"))
+    if step is None or value is None or (kept != BEST and step == summary.get("steps")):
+        return None
+    metric = str(best.get("metric") or "val_loss").replace("_", " ")
+    early = ", early-stopped" if summary.get("early_stopped") else ""
+    last = number(as_float(best.get("last_value")))
+    if kept == BEST and step == summary.get("steps"):
+        return f"best: step {step}, {metric} {number(value)} (the last step)"
+    if kept == BEST:
+        return f"best: step {step}, {metric} {number(value)} (final: step {summary.get('steps')}, {last}{early})"
+    return f"final: step {summary.get('steps')}, {metric} {last}{early} (best: step {step}, {number(value)})"
+
+
 def training_section(recipe: Optional[dict[str, Any]], results: Sequence[dict[str, Any]], stages: Sequence[str],
                      seq_lens: dict[str, Optional[int]], imported_from: Optional[str] = None) -> list[str]:
-    """`results`: each finished stage's manifest summary plus its "stage"; `stages`: the stages whose
-    settings to show; `seq_lens`: tokens per sequence of each stage's batches."""
+    """`results`: each finished stage's manifest summary plus its "stage" and the model it "kept"
+    (best or final); `stages`: the stages whose settings to show; `seq_lens`: tokens per sequence
+    of each stage's batches."""
     lines = ["## Training recipe", ""]
     if imported_from:
         lines += [f"Imported from the Hugging Face checkpoint `{imported_from}`.", ""]
@@ -97,6 +117,9 @@ def training_section(recipe: Optional[dict[str, Any]], results: Sequence[dict[st
                        [[t["stage"], number(t.get("steps")), number(t.get("tokens_seen")), number(t.get("final_loss")),
                          number(t.get("val_loss")), t.get("precision", MISSING), t.get("device", MISSING)]
                         for t in results])
+    kept = [f"- {t['stage']}: {text}." for t in results if (text := kept_text(t, t.get("kept", FINAL)))]
+    if kept:  # train.keep_best / sft.use: the model at the best evaluation, or the last one
+        lines += ["Model kept (the evaluation with the best validation metric, or the last step):", "", *kept, ""]
     rollbacks = [f"- {t['stage']} {rollback_text(e)}." for t in results for e in t.get("rollbacks") or []]
     if rollbacks:  # train/divergence.py: a divergence reloaded the last checkpoint and skipped its batches
         lines += ["Divergence:", "", *rollbacks, ""]
@@ -197,10 +220,15 @@ def card_facts(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> dict[str,
         return facts
     recipe_file = run / "recipe.yaml"
     facts["recipe"] = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else None
+    own = Path(model_dir).resolve()
     for stage in TRAIN_STAGES[: 2 if meta.is_chat_model else 1]:
         m = read_manifest(run / stage)
         if m and m.get("summary"):
-            facts["training"].append({"stage": stage, **m["summary"], "batch_seq_len": m.get("batch_seq_len")})
+            # this model's own directory (an export may name final/ or best/), else what the run's stages take
+            kept = own.name if own.parent.name == stage and own.name in KEPT_MODELS else \
+                RunPaths.of(run).model(stage).name
+            facts["training"].append({"stage": stage, **m["summary"], "batch_seq_len": m.get("batch_seq_len"),
+                                      "kept": kept})
     facts["report"] = read_json(run / "eval" / "report.json")
     facts["lm_eval"] = read_json(run / "eval" / "lm_eval" / "results.json")
     return facts

@@ -28,7 +28,7 @@ from llm_maker.errors import LLMMakerError
 from llm_maker.export.hf import check_export_target
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
-from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
+from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import ModelMeta, write_model_files
 
 SKIPPED_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed here
@@ -155,7 +155,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
         (tmp / "tokenizer").mkdir()
         tokenizer.save(tmp / "tokenizer")
         write_manifest(tmp / "tokenizer", "tokenizer", fp, type="pretrained", vocab_size=tokenizer.vocab_size,
-                       special_tokens={t: tokenizer.token_id(t) for t in SPECIAL_TOKENS},
+                       special_tokens=tokenizer.special_token_ids, pad_token=tokenizer.pad_token,
                        tokenizer_hash=tokenizer.hash, imported_from=str(hf_dir.resolve()))
         (tmp / "pretrain" / "final").mkdir(parents=True)
         write_model_files(tmp / "pretrain" / "final", model, tokenizer, meta)

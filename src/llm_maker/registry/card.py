@@ -19,7 +19,7 @@ from llm_maker.export.card import (
     samples_section,
     training_section,
 )
-from llm_maker.layout import TRAIN_STAGES
+from llm_maker.layout import FINAL, TRAIN_STAGES
 from llm_maker.markdown import GENERATED_MARK, MISSING, count, number, percent, table
 from llm_maker.registry.records import STATUS_ICON, RunRecord
 
@@ -61,7 +61,8 @@ def card_markdown(record: RunRecord, report: Optional[dict[str, Any]], lm_eval: 
     # SFT batches are padded to the longest conversation, not to the context.
     seq_lens = {s: (v.get("manifest") or {}).get("batch_seq_len", seq) if s == "sft" else seq
                 for s, v in stages.items()}
-    results = [{"stage": s, **((v.get("manifest") or {}).get("summary") or {})}
+    results = [{"stage": s, **((v.get("manifest") or {}).get("summary") or {}),
+                "kept": record.model(s).kept if record.model(s) else FINAL}
                for s, v in stages.items() if (v.get("manifest") or {}).get("summary")]
     lines += training_section(recipe, results, [s for s in TRAIN_STAGES if s in stages], seq_lens)
     cost = [cost_row(s, v["metrics"], (v.get("manifest") or {}).get("summary") or {})

@@ -23,6 +23,8 @@ class ModelRow:
     scores: list[str]
     status: str
     note: str = ""
+    kept: str = "final"  # the stage's model later stages take: final or best (layout.RunPaths.model)
+    kept_note: str = ""  # which step that is and why (export/card.py's kept_text), when there is a choice
 
 
 @dataclass

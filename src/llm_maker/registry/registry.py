@@ -9,8 +9,9 @@ A run is any folder holding a run's stage directories. Its status comes from wha
            next stage simply not started
   failed   the loss became NaN/inf, or a training stage died before its first checkpoint
            (metrics or a partial `.tmp-*` directory, nothing to resume)
-One row per model: the base model, then its SFT model. `write_card` writes one run's card.md
-(card.py renders it) and training curves (plots.py).
+One row per model: the base model, then its SFT model, each the directory later stages take
+(final/ or best/: layout.RunPaths.model) with the step kept and why. `write_card` writes one
+run's card.md (card.py renders it) and training curves (plots.py).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import yaml
 
 from llm_maker.artifacts import as_float, atomic_write_text, read_json, read_manifest, read_metrics
 from llm_maker.errors import LLMMakerError
-from llm_maker.layout import FINAL, STAGES, TRAIN_STAGES, RunPaths
+from llm_maker.export.card import kept_text
+from llm_maker.layout import BEST, FINAL, STAGES, TRAIN_STAGES, RunPaths
 from llm_maker.markdown import GENERATED_MARK, check_generated, count, number, percent, table
 from llm_maker.model.llama import LlamaConfig, count_parameters
 from llm_maker.registry.card import CARD_FILE, PLOTS_DIR, card_markdown
@@ -142,13 +144,13 @@ def parameters_of(dims: Optional[dict[str, Any]]) -> Optional[int]:
         return None
 
 
-def lm_eval_scores(run: Path, stage_dir: Path) -> list[str]:
-    """Headline lm-eval scores recorded for this stage's final model (eval/lm_eval/results.json)."""
+def lm_eval_scores(run: Path, model_dir: Path) -> list[str]:
+    """Headline lm-eval scores recorded for this model directory (eval/lm_eval/results.json)."""
     results = read_json(run / "eval" / "lm_eval" / "results.json") or {}
-    final = (stage_dir / FINAL).resolve()
+    model_dir = model_dir.resolve()
     out = []
     for name, info in (results.get("models") or {}).items():
-        if Path(info.get("dir", "")).resolve() != final:
+        if Path(info.get("dir", "")).resolve() != model_dir:
             continue
         for task, h in (results.get("headline") or {}).get(name, {}).items():
             value = h["value"]
@@ -171,6 +173,7 @@ def model_rows(paths: RunPaths, name: str, status: str) -> list[ModelRow]:
         if not manifest and not metrics:
             continue
         summary = manifest.get("summary") or {}
+        kept_model = paths.model(stage).name
         dims = manifest.get("model") or model_config(stage_dir)
         tokens = summary.get("tokens_seen") or (int(metrics[-1]["tokens"]) if metrics else None)
         val_losses = [v for v in (as_float(r.get("val_loss")) for r in metrics) if v is not None]
@@ -180,12 +183,15 @@ def model_rows(paths: RunPaths, name: str, status: str) -> list[ModelRow]:
             label = "val"
         else:
             loss, label = summary.get("val_loss") or (val_losses[-1] if val_losses else None), "resp."
+            best = summary.get("best") or {}
+            if kept_model == BEST and best.get("metric") == "val_loss":  # the kept model's held-out loss
+                loss = best.get("value")
         scores = []
         if key in em:
             scores.append(f"EM {percent(em[key])}")
         if key in stops:
             scores.append(f"stops {percent(stops[key])}")
-        scores += lm_eval_scores(paths.root, stage_dir)
+        scores += lm_eval_scores(paths.root, paths.model(stage))
         row_status = "done" if manifest else status
         note = ""
         if stage == "sft":
@@ -193,7 +199,8 @@ def model_rows(paths: RunPaths, name: str, status: str) -> list[ModelRow]:
             note = f"{kept:,} SFT conversations" if kept else ""
         rows.append(ModelRow(run=name, stage=stage, parameters=manifest.get("parameters") or parameters_of(dims),
                              vocab=(dims or {}).get("vocab_size"), tokens=tokens, val_loss=loss, val_label=label,
-                             scores=scores, status=row_status, note=note))
+                             scores=scores, status=row_status, note=note, kept=kept_model,
+                             kept_note=kept_text(summary, kept_model) or ""))
     return rows
 
 
@@ -240,8 +247,9 @@ def registry_markdown(runs: list[RunRecord], runs_dir: Path, out_dir: Optional[P
             label = m.run if m.stage == "pretrain" else f"{m.run} (SFT)"
             tokens = count(m.tokens, NONE) + (f", {m.note}" if m.note else "")
             card = Path(os.path.relpath(run.path / CARD_FILE, out_dir or runs_dir)).as_posix()
+            loss = fmt_loss(m.val_loss, m.val_label) + (f" · {m.kept_note}" if m.kept_note else "")
             rows.append([len(rows) + 1, f"[{label}]({card})", number(m.parameters, missing=NONE),
-                         number(m.vocab, missing=NONE), tokens, fmt_loss(m.val_loss, m.val_label),
+                         number(m.vocab, missing=NONE), tokens, loss,
                          " · ".join(m.scores) or NONE, STATUS_ICON[m.status]])
         if not run.models:
             rows.append([len(rows) + 1, run.name, *[NONE] * 5, STATUS_ICON[run.status]])

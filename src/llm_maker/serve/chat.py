@@ -73,7 +73,7 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
         f"Type `clear` to start over, `exit` to leave.\n")
     if not meta.is_chat_model:
         say("note: this is a base (pretrained) model: it continues text and does not follow chat; "
-            "expect it to ramble. Chat with the SFT model (sft/final) for answers.\n")
+            "expect it to ramble. Chat with the SFT model (`--model sft`) for answers.\n")
 
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

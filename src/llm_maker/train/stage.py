@@ -13,6 +13,7 @@ from llm_maker.layout import RunPaths
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.model.presets import resolve_model_config
 from llm_maker.pack.shards import load_split
+from llm_maker.plan import check_before_training
 from llm_maker.recipe import Recipe, TrainConfig
 from llm_maker.stopping import StageStopped
 from llm_maker.tokenizer.tokenizer import Tokenizer
@@ -81,6 +82,9 @@ def run_pretrain(recipe: Recipe, paths: RunPaths, resume: bool = False, force: b
     if prepare_stage_dir(out, fp, force, resume, ctx, "pretraining", "model/train config or other data",
                          f"pass --force to retrain from scratch (this deletes {out})", inputs):
         return out
+    # The plan (plan.py): printed, and on a GPU a run that cannot fit stops here, before any compute.
+    check_before_training(recipe, paths, local_device(resolve_device(recipe.train.device), ctx), ctx.world_size,
+                          tokenizer.vocab_size, show=ctx.is_main)
     if recipe.model.init_from:
         model = initial_model(recipe.model.init_from, tokenizer)
         cfg = model.config

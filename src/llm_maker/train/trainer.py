@@ -12,10 +12,19 @@ state is a `TrainState` (train/checkpoint.py) with the divergence rules' part (`
 train/divergence.py), saved in every checkpoint. Which held-out metrics to compute besides the
 validation loss is the caller's choice (`evaluations`).
 
+The best model: after every evaluation `_track_best` compares train.best_metric (val_loss by
+default, lower is better) with the best so far; a strictly better one becomes the best, and with
+train.keep_best its model is written as best/ beside final/ (same save path, atomic). The best so
+far and the evaluations since are in the TrainState, so a resumed run keeps the same best/; with
+train.early_stop_patience the run finishes after that many evaluations without a better one.
+
 Divergence: a step whose loss or gradient norm is not finite is skipped (`train_step`); too many
 in a row, a loss spike, or weights / a validation loss not finite at a checkpoint roll the run
 back to its last checkpoint, past the batches read since (`_roll_back`); no checkpoint and no
 final/ ever holds a non-finite weight, and a run that keeps diverging ends in a TrainingError.
+Nor does best/: a model that is to become the best is checked as a checkpoint is, and rolled
+back instead; a best found after the checkpoint a rollback goes back to stays the best (best/
+holds it, measured before the divergence).
 """
 from __future__ import annotations
 
@@ -40,12 +49,15 @@ from tqdm.auto import tqdm
 from llm_maker.artifacts import atomic_write_text
 from llm_maker.devices import autocast, device_caps, precision_name, resolve_device, resolve_precision
 from llm_maker.errors import CheckpointError, TrainingError
+from llm_maker.layout import BEST, FINAL
 from llm_maker.model.llama import LlamaModel
-from llm_maker.recipe import DEFAULT_SEED, TrainConfig
+from llm_maker.recipe import DEFAULT_SEED, HIGHER_IS_BETTER, TrainConfig
 from llm_maker.stopping import StopRequest
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import (
     ModelMeta,
+    TrainState,
+    drop_stale_best,
     latest_checkpoint,
     remove_leftovers,
     resume_checkpoint,
@@ -315,6 +327,7 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     if scaler is not None and state.scaler is not None:
         scaler.load_state_dict(state.scaler)  # exact resume: the same scale and growth tracker
     state = RollbackState.restore(state, ckpt)  # and the data a rollback skipped, the rules' counters
+    drop_stale_best(out_dir, state.best_step, ctx)  # a best/ the resume has gone back past (rank 0)
     barrier(ctx)  # every rank has looked for checkpoints before any rank writes one
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=state.step if ckpt is not None else None,
                          write=ctx.is_main)
@@ -332,11 +345,12 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
 
 
 def _loop(run: _Run) -> Optional[str]:
-    """Optimizer steps until max_steps, or until a signal / STOP file: then the reason. A
-    divergence, seen at a logged step, rolls the run back (`_roll_back`) and the loop goes on."""
+    """Optimizer steps until max_steps or the early-stopping patience is spent (None: finished),
+    or until a signal / STOP file: then the reason. A divergence, seen at a logged step, rolls the
+    run back (`_roll_back`) and the loop goes on."""
     tc = run.tc
     loss_acc = torch.zeros((), device=run.device)  # summed on the device, read only at logged steps
-    while run.state.step < tc.max_steps:
+    while run.state.step < tc.max_steps and not _patience_spent(run):
         state = run.state  # a rollback replaces it
         lr = cosine_lr(state.step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for group in run.optimizer.param_groups:
@@ -361,11 +375,19 @@ def _loop(run: _Run) -> Optional[str]:
             if divergence is not None:
                 _roll_back(run, divergence, loss_acc)
                 continue
-        if state.step % tc.eval_every == 0 or final:
+        evaluated = state.step % tc.eval_every == 0 or final  # an eval step is a logged step
+        if evaluated:
             _evaluate(run)
         if logged:
             _log_row(run, loss_acc, lr, result.grad_norm, finite_steps)
-        if checkpointed:
+        if evaluated:
+            unfit = _track_best(run)
+            if unfit is not None:  # never a non-finite best/: go back instead
+                _roll_back(run, Divergence(state.step, math.nan if state.loss is None else state.loss, unfit),
+                           loss_acc)
+                continue
+        early_stop = _patience_spent(run)  # finished: its checkpoint, then final/ at this step
+        if checkpointed or early_stop:
             unfit = _unfit_to_save(run)
             if unfit is not None:  # never a non-finite weight on disk: go back instead
                 _roll_back(run, Divergence(state.step, math.nan if state.loss is None else state.loss, unfit),
@@ -376,7 +398,7 @@ def _loop(run: _Run) -> Optional[str]:
             save_checkpoint(run.out_dir / "checkpoints", run.model, run.optimizer, run.tokenizer, run.meta, state,
                             tc.grad_accum_steps, keep=tc.keep_checkpoints, ctx=run.ctx,
                             sharded=tc.distributed == "fsdp2")
-        if stop_reason and not final:
+        if stop_reason and not (final or early_stop):
             return stop_reason
     return None
 
@@ -428,6 +450,8 @@ def _roll_back(run: _Run, divergence: Divergence, loss_acc: torch.Tensor) -> Non
         raise divergence_error(divergence, len(old.rollbacks), tc.max_rollbacks, latest_checkpoint(root), tc.lr,
                                precision_name(run.amp_dtype))
     state = RollbackState.restore(loaded, ckpt)
+    if old.best_step is not None and old.best_step > state.step:  # a best found since the checkpoint: best/ holds it
+        state.best_value, state.best_step, state.evals_since_best = old.best_value, old.best_step, 0
     event = rollback_event(divergence, to_step=state.step, skipped_batches=old.step - state.step)
     state.data_skip_steps = old.data_skip_steps + event["skipped_batches"]
     state.rollbacks = old.rollbacks + [event]
@@ -450,6 +474,63 @@ def _roll_back(run: _Run, divergence: Divergence, loss_acc: torch.Tensor) -> Non
 
 def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
+
+
+def _patience_spent(run: _Run) -> bool:
+    patience = run.tc.early_stop_patience
+    return patience is not None and run.state.evals_since_best >= patience
+
+
+def metric_value(state: TrainState, name: str) -> Optional[float]:
+    """The last evaluation's `name` (a metrics.csv column: val_loss or one of the caller's
+    evaluations) as a float; None when it was not measured or is not finite."""
+    raw = state.val_loss if name == "val_loss" else state.evals.get(name)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def improves(value: Optional[float], best: Optional[float], higher_is_better: bool) -> bool:
+    """Strictly better than the best so far (a tie keeps the earlier, cheaper model)."""
+    if value is None:
+        return False
+    return best is None or (value > best if higher_is_better else value < best)
+
+
+def _track_best(run: _Run) -> Optional[str]:
+    """After an evaluation: a strictly better train.best_metric becomes the best so far (its step
+    in the state, its model in best/ with train.keep_best); otherwise one more evaluation without
+    improvement. Returns why the model must not become the best (a weight or the validation loss
+    not finite: the caller rolls back), else None. Every rank decides alike."""
+    tc, state = run.tc, run.state
+    value = metric_value(state, tc.best_metric)
+    better = improves(value, state.best_value, HIGHER_IS_BETTER[tc.best_metric])
+    if agree_on_stop("better" if better else None, run.ctx) is None:  # a safety net, as for stops
+        state.evals_since_best += 1
+        return None
+    unfit = _unfit_to_save(run)
+    if unfit is not None:
+        return unfit
+    state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+    if tc.keep_best:
+        save_final_model(run.out_dir / BEST, run.model, run.tokenizer, _model_meta(run, BEST), run.ctx)
+    return None
+
+
+def _model_meta(run: _Run, kept: str) -> ModelMeta:
+    """config.json's metadata of final/ or best/: the stage's, the training so far, which one it is."""
+    state = run.state
+    return dataclasses.replace(run.meta, steps=state.step, tokens_seen=state.tokens_seen, final_loss=state.loss,
+                               val_loss=state.val_loss, kept=kept, best=_best_record(run))
+
+
+def _best_record(run: _Run) -> Optional[dict[str, Any]]:
+    state = run.state
+    if state.best_step is None:
+        return None
+    return {"metric": run.tc.best_metric, "value": state.best_value, "step": state.best_step}
 
 
 def _evaluate(run: _Run) -> None:
@@ -503,13 +584,29 @@ def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
                "final_loss": state.loss, "val_loss": state.val_loss, "stopped": stopped_by is not None,
                "stopped_by": stopped_by, "parameters": run.model.num_parameters(), "device": str(run.device),
                "world_size": run.ctx.world_size, "precision": precision_name(run.amp_dtype),
-               "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks, "final_dir": None}
+               "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks, "final_dir": None,
+               "best": _best_summary(run), "early_stopped": stopped_by is None and state.step < run.tc.max_steps}
+    if summary["early_stopped"] and run.ctx.is_main:
+        best = summary["best"]
+        said = f"best at step {best['step']} ({best['value']:.4g})" if best else "none measured it"
+        print(f"early-stopped at step {state.step}: no better {run.tc.best_metric} in {run.tc.early_stop_patience} "
+              f"evaluations; {said}", flush=True)
     if stopped_by is None:
-        final_meta = dataclasses.replace(run.meta, steps=state.step, tokens_seen=state.tokens_seen,
-                                         final_loss=state.loss, val_loss=state.val_loss)
-        summary["final_dir"] = str(save_final_model(run.out_dir / "final", run.model, run.tokenizer, final_meta,
-                                                    run.ctx))
+        summary["final_dir"] = str(save_final_model(run.out_dir / FINAL, run.model, run.tokenizer,
+                                                    _model_meta(run, FINAL), run.ctx))
     return summary
+
+
+def _best_summary(run: _Run) -> Optional[dict[str, Any]]:
+    """The summary's record of the best evaluation: its metric, value and step, the metric's value
+    at the last evaluation (the final model's, once finished) and best/ when it was kept."""
+    best = _best_record(run)
+    if best is None:
+        return None
+    best_dir = run.out_dir / BEST
+    kept = run.tc.keep_best and best_dir.is_dir()  # drop_stale_best and _track_best: best/ is best_step's
+    return {**best, "last_value": metric_value(run.state, run.tc.best_metric),
+            "dir": str(best_dir) if kept else None}
 
 
 def _epoch(batches: BatchSource, step: int, tc: TrainConfig) -> float:
