@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sft", "serve", "audit", "eval", "plan"),
     ("export", "registry"),
     ("eval.lm_eval_suite",),
+    ("export.push",),  # publishes an export with its lm-eval results
     ("data.stage", "tokenizer.stage", "pack.packer", "train.stage", "sft.stage", "eval.evaluate"),
     ("pipeline", "summary"),
     ("cli", "__main__"),

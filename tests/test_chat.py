@@ -122,3 +122,30 @@ def test_repl_reports_a_cut_reply_and_an_impossible_budget(tok, answer_word, tmp
         run_repl(model_dir, ["hi"], max_new_tokens=64)
     with pytest.raises(LLMMakerError, match=r"top_p must be in \(0, 1\], got 2.0"):
         run_repl(tmp_path / "not loaded", ["hi"], top_p=2.0)
+
+
+def test_slash_commands_are_never_sent_to_the_model(tok, answer_word, tmp_path):
+    model_dir = save_chat_model(tok, answer_word, tmp_path / "sft")
+    history, out = run_repl(model_dir, ["first", "/clear", "second", "/exit", "never read"], max_new_tokens=8)
+    assert "(history cleared)" in out and "/clear to start over, /exit to leave" in out
+    assert history == [msg("user", "second"), msg("assistant", " the")]
+
+
+def test_chat_passes_seed_and_system_through_the_cli(tok, answer_word, tmp_path, monkeypatch):
+    import llm_maker.serve.chat as chat
+    from llm_maker.cli import main
+
+    model_dir = save_chat_model(tok, answer_word, tmp_path / "sft")
+    seen = {}
+    monkeypatch.setattr(chat, "chat_repl", lambda *a, **kw: seen.update(kw))
+    assert main(["chat", str(model_dir), "--seed", "7", "--system", "Be brief.", "--precision", "fp32"]) == 0
+    assert (seen["seed"], seen["system"], seen["precision"]) == (7, "Be brief.", "fp32")
+
+
+def test_generate_with_a_system_message_answers_one_chat_turn(tok, answer_word, tmp_path, capsys):
+    from llm_maker.cli import main
+
+    model_dir = save_chat_model(tok, answer_word, tmp_path / "sft")
+    assert main(["generate", str(model_dir), "--prompt", "hello", "--system", "Be brief.", "--temperature", "0",
+                 "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out == " the\n"  # the reply alone, ended by the template's stop token

@@ -171,3 +171,11 @@ def test_paths_are_resolved_in_their_own_step(tmp_path):
 def test_source_file_is_not_a_yaml_key(tmp_path):
     with pytest.raises(RecipeError, match="unknown key `source_file`"):
         load_recipe(write(tmp_path, {"source_file": "x.yaml"}))
+
+
+def test_init_from_with_preset_null_is_accepted(tmp_path):
+    """Dims cannot be given beside init_from, so `preset: null` must not ask for them."""
+    from llm_maker.recipe import recipe_from_dict
+
+    r = recipe_from_dict({"model": {"preset": None, "init_from": str(tmp_path)}}, "r.yaml", check_files=False)
+    assert r.model.preset is None and r.model.init_from == str(tmp_path)

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow  # a live uvicorn server per module, many concurre
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
 from helpers import REPLY, make_tokenizer, random_model, running_server, save_chat_model, scripted_model  # noqa: E402
+from llm_maker.errors import LLMMakerError  # noqa: E402
 from llm_maker.serve.engine import StopText  # noqa: E402
 from llm_maker.serve.generate import generate  # noqa: E402
 from llm_maker.serve.server import ServeSettings, create_app  # noqa: E402
@@ -452,3 +453,21 @@ def test_eight_concurrent_streaming_clients_get_their_own_answers(tok, tmp_path)
         health = call(url, "GET", "/health")[2]
         assert health["failed"] == 0 and health["rejected"] == 0 and health["completed"] == N_CLIENTS
         assert health["peak_batch"] == N_CLIENTS  # all eight decoded together, each on its own row
+
+
+def test_serve_context_is_capped_by_the_memory_the_kv_cache_would_take(tmp_path):
+    from llm_maker.serve.server import KV_CACHE_SHARE, choose_context
+
+    tok = make_tokenizer()
+    engine = save_chat_model(random_model(tok.vocab_size), tok, tmp_path / "m")
+    full = engine.model.context_len
+    cfg = engine.model.config
+    per_token = 2 * cfg.n_layers * 8 * cfg.n_kv_heads * cfg.head_dim * 4  # 8 rows, fp32 keys and values
+    assert choose_context(engine, 8, None, free=10**12) == (full, "the model's context")
+    ctx, why = choose_context(engine, 8, None, free=int(per_token * full / 2 / KV_CACHE_SHARE))
+    assert ctx == full // 2 and "over 25% of the" in why and "--max-context" in why
+    assert choose_context(engine, 8, 16) == (16, "--max-context")
+    with pytest.raises(LLMMakerError, match=f"--max-context {full + 1} is more than the model's {full}-token"):
+        choose_context(engine, 8, full + 1)
+    engine.max_context = 16
+    assert engine.context_len == 16

@@ -28,12 +28,20 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.csv"  # a training stage's log: one row per logged step (train/trainer.py writes it)
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename over `path`."""
+    """Write `data` to a temporary file beside `path`, fsync it, then rename over `path`. The file
+    gets the user's umask like any other (mkstemp alone makes it owner-only: 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -75,9 +83,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a run dir is for sharing
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it owner-only; a run dir is for sharing
     try:
         yield tmp
         if path.exists():

@@ -8,7 +8,9 @@
     llm-maker eval RECIPE                                the recipe's eval stage (eval/report.md)
     llm-maker lm-eval RUN_DIR --suite TASKS [--baseline [NAME=]DIR]   lm-evaluation-harness (+ baselines)
     llm-maker export RUN_DIR --format hf|gguf --out PATH
+    llm-maker push RUN_DIR --repo OWNER/NAME [--gguf] [--private] [--dry-run]   export + upload in one Hub commit
     llm-maker import-hf HF_DIR --out RUN_DIR
+    llm-maker import-gguf FILE.gguf --out RUN_DIR         a llama.cpp `llama` GGUF (any quant) as a run
     llm-maker generate RUN_DIR --prompt TEXT
     llm-maker chat RUN_DIR
     llm-maker summary RUN_DIR
@@ -95,11 +97,17 @@ def cmd_generate(args) -> int:
 
     model_dir = _model_dir(args.run_dir, args.model)
     model, tokenizer, meta = load_for_inference(model_dir, args.device, args.precision)
-    ids = tokenizer.encode(args.prompt)
-    sys.stdout.write(args.prompt)
+    if args.system is None:  # plain continuation of the text
+        ids, stop_ids = tokenizer.encode(args.prompt), [tokenizer.eos_id]
+        sys.stdout.write(args.prompt)
+    else:  # one chat turn: the system message and the prompt as the user's, in the model's template
+        from llm_maker.sft.templates import prompt_ids, stop_token_ids
+
+        messages = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
+        ids, stop_ids = prompt_ids(tokenizer, messages, meta.template), stop_token_ids(tokenizer, meta.template)
     for piece in stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             repetition_penalty=args.repetition_penalty, stop_ids=[tokenizer.eos_id],
+                             repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
                              seed=args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -113,7 +121,7 @@ def cmd_chat(args) -> int:
     chat_repl(_model_dir(args.run_dir, args.model), max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               repetition_penalty=args.repetition_penalty, seed=args.seed, device=args.device,
-              precision=args.precision)
+              precision=args.precision, system=args.system)
     return 0
 
 
@@ -152,6 +160,22 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_import_gguf(args) -> int:
+    from llm_maker.export.import_gguf import import_gguf
+
+    print(import_gguf(args.gguf_file, args.out, force=args.force))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from llm_maker.export.push import check_repo_id, push
+
+    check_repo_id(args.repo)  # before anything is exported
+    push(_model_dir(args.run_dir, args.model), args.repo, license=args.license, gguf=args.gguf,
+         private=args.private, dry_run=args.dry_run, message=args.message, base_model=args.base_model)
+    return 0
+
+
 def cmd_summary(args) -> int:
     print_summary(RunPaths.of(args.run_dir), None)
     return 0
@@ -184,7 +208,7 @@ def cmd_serve(args) -> int:
     from llm_maker.serve.server import ServeSettings, serve
 
     settings = ServeSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                             max_tokens_limit=args.max_tokens_limit)
+                             max_tokens_limit=args.max_tokens_limit, max_context=args.max_context)
     serve(_model_dir(args.run_dir, args.model), settings, rope_scaling=args.rope_scaling, name=args.name,
           device=args.device, precision=args.precision)
     return 0
@@ -255,6 +279,8 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", help="a system message (generate: answer --prompt as a chat turn in the model's "
+                                    "template after it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_import_hf)
 
+    p = sub.add_parser("import-gguf", help="turn a llama.cpp GGUF (llama architecture, any quant) into a run")
+    p.add_argument("gguf_file", help="a .gguf file (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants)")
+    p.add_argument("--out", required=True, help="the run directory to create (tokenizer/, pretrain/final/)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("push", help="export a model and upload it to the Hugging Face Hub in one commit "
+                                    "(token: HF_TOKEN or `hf auth login`)")
+    _add_model(p)
+    p.add_argument("--repo", required=True, metavar="OWNER/NAME", help="the Hub model repository (created if missing)")
+    p.add_argument("--gguf", action="store_true", help="also upload the f16 GGUF for llama.cpp")
+    p.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                                                          "its visibility)")
+    p.add_argument("--dry-run", action="store_true", help="print the files, their sizes and the card's header; "
+                                                          "send nothing")
+    p.add_argument("--message", help="the commit message (default: Upload RUN/STAGE/MODEL with llm-maker)")
+    p.add_argument("--license", default="apache-2.0",
+                   help="the card's license (default apache-2.0: choose what your data and weights allow)")
+    p.add_argument("--base-model", metavar="OWNER/NAME", help="the card's base_model (default: an imported "
+                                                              "model's Hub id, when it came from the Hub cache)")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("generate", help="continue a prompt with a model (streams to the terminal)")
     _add_sampling(p, temperature=0.8)
     p.add_argument("--prompt", required=True)
@@ -342,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests generating together (continuous batching); 1 runs them one by one")
     p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind the running ones; more get 503")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="tokens a request may hold, prompt and reply (default: the model's context, shortened when "
+                        "its KV cache for --max-batch rows would take over 25%% of the free RAM/VRAM)")
     _add_runtime(p)
     p.set_defaults(func=cmd_serve)
 

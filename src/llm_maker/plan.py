@@ -328,6 +328,11 @@ def model_config_of(recipe: Recipe, paths: RunPaths, vocab_size: Optional[int] =
         vocab_size = (read_manifest(paths.tokenizer) or {}).get("vocab_size")
     if vocab_size is None and recipe.tokenizer.type == "bpe":
         vocab_size = recipe.tokenizer.vocab_size
+    if vocab_size is None and spec.vocab_size is None:  # a pretrained tokenizer's file, read offline
+        from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
+
+        t = recipe.tokenizer
+        vocab_size = load_pretrained_tokenizer(t.path, t.tiktoken_encoding, t.pad_token).vocab_size
     try:
         return resolve_model_config(spec, vocab_size=spec.vocab_size or vocab_size)
     except ValueError as e:  # "field: why"

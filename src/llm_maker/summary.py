@@ -60,6 +60,10 @@ def summary_lines(paths: RunPaths, results: Optional[dict[str, Any]] = None) -> 
         lines.append("SFT:")
         lines.append(f"  steps {ss.get('steps')}   final loss {_fmt(ss.get('final_loss'))}   "
                      f"held-out loss {_fmt(ss.get('val_loss'))}")
+        best = ss.get("best") or {}
+        if sft.get("use") == "best" and best.get("step") is not None:
+            lines.append(f"  kept: best/, step {best['step']} ({str(best.get('metric', 'val_loss')).replace('_', ' ')} "
+                         f"{_fmt(best.get('value'))}), the model eval, chat and export use")
     em = report.get("exact_match") or {}
     st = report.get("stop_table") or {}
     if st:

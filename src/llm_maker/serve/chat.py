@@ -19,8 +19,8 @@ from llm_maker.serve.inference import load_for_inference
 from llm_maker.sft.templates import prompt_ids, stop_token_ids
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-EXIT_COMMANDS = ("exit", "quit")
-CLEAR_COMMAND = "clear"
+EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit", "/bye")
+CLEAR_COMMANDS = ("clear", "/clear")
 USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
 
@@ -70,7 +70,7 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
 
     say(f"Chatting with {model_dir} ({model.num_parameters():,} parameters, {seq_len}-token context, "
         f"template {template}, {precision_name(model.embed_tokens.weight.dtype)} on {dev.type}). "
-        f"Type `clear` to start over, `exit` to leave.\n")
+        f"Type /clear to start over, /exit to leave.\n")
     if not meta.is_chat_model:
         say("note: this is a base (pretrained) model: it continues text and does not follow chat; "
             "expect it to ramble. Chat with the SFT model (`--model sft`) for answers.\n")
@@ -88,7 +88,7 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
             continue
         if text.lower() in EXIT_COMMANDS:
             break
-        if text.lower() == CLEAR_COMMAND:
+        if text.lower() in CLEAR_COMMANDS:
             history = list(start)
             say("(history cleared)\n")
             continue

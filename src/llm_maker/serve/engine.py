@@ -105,6 +105,7 @@ class ChatEngine:
     stage: str
     rope: Optional[DynamicRope] = None
     precision: str = "fp32"  # the weights' dtype: bf16 | fp16 | fp32
+    max_context: Optional[int] = None  # serve at most this many tokens a request (None: the model's context)
     stats: dict[str, int] = field(default_factory=lambda: {"completed": 0, "cancelled": 0, "completion_tokens": 0})
 
     @classmethod
@@ -119,7 +120,10 @@ class ChatEngine:
 
     @property
     def context_len(self) -> int:
-        return self.model.context_len  # stretched when rope scaling is on
+        """Prompt + reply tokens a request may hold: the model's (stretched when rope scaling is on),
+        or less when the server was started with a smaller `max_context`."""
+        full = self.model.context_len
+        return full if self.max_context is None else min(full, self.max_context)
 
     @property
     def special_ids(self) -> frozenset[int]:

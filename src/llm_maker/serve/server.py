@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -52,11 +54,14 @@ class ServeSettings:
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256  # when a request does not say
     max_body_bytes: int = 1 << 20
+    max_context: Optional[int] = None  # tokens a request may hold; None: the model's, capped by KV_CACHE_SHARE
 
     def validate(self) -> None:
         """Refuse impossible settings before the model is loaded."""
         if not 0 <= self.port <= 65535:
             raise LLMMakerError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_context is not None and self.max_context < 2:
+            raise LLMMakerError(f"max_context must be at least 2, got {self.max_context}")
         for name in ("max_batch", "max_waiting", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise LLMMakerError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -358,6 +363,40 @@ def create_app(engine: ChatEngine, settings: ServeSettings = ServeSettings()) ->
     return app
 
 
+KV_CACHE_SHARE = 0.25  # the most of the free RAM (or VRAM) the batch's KV cache may take unless --max-context says
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """What the device has free now: VRAM on CUDA, available RAM on Linux; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_context(engine: ChatEngine, max_batch: int, asked: Optional[int],
+                   free: Optional[int] = None) -> tuple[int, str]:
+    """(the context to serve, why): `asked` (--max-context, at most the model's), else the model's
+    whole context, shortened when its KV cache for `max_batch` rows would take more than
+    KV_CACHE_SHARE of `free` memory (default: the device's, now)."""
+    cfg, full = engine.model.config, engine.model.context_len
+    elem = engine.model.embed_tokens.weight.element_size()  # the cache is in the weights' dtype
+    per_token = 2 * cfg.n_layers * max_batch * cfg.n_kv_heads * cfg.head_dim * elem  # keys and values
+    if asked is not None:
+        if asked > full:
+            raise LLMMakerError(f"--max-context {asked} is more than the model's {full}-token context"
+                                " (--rope-scaling stretches it)")
+        return asked, "--max-context"
+    free = free if free is not None else free_memory_bytes(engine.model.embed_tokens.weight.device)
+    if free is None or per_token * full <= KV_CACHE_SHARE * free:
+        return full, "the model's context"
+    fit = max(2, int(KV_CACHE_SHARE * free // per_token))
+    return fit, (f"a full {full}-token context for {max_batch} rows would take {per_token * full / 2**30:.1f} GB "
+                 f"of KV cache, over {KV_CACHE_SHARE:.0%} of the {free / 2**30:.1f} GB free; --max-context to choose")
+
+
 def serve(model_dir: str | Path, settings: ServeSettings = ServeSettings(), rope_scaling: Optional[float] = None,
           name: Optional[str] = None, device: str = "auto", precision: str = "auto") -> None:
     """Load the model and serve it with uvicorn until interrupted."""
@@ -366,6 +405,8 @@ def serve(model_dir: str | Path, settings: ServeSettings = ServeSettings(), rope
     settings.validate()
     engine = ChatEngine.load(model_dir, name=name, rope_scaling=rope_scaling, device=device,
                              precision=precision)
+    engine.max_context, why = choose_context(engine, settings.max_batch, settings.max_context)
+    print(f"context: {engine.context_len} tokens a request ({why})", flush=True)
     app = create_app(engine, settings)  # allocates the batch's KV cache now, not at the first request
     cache = app.state.worker.batch.cache
     cache_mb = (cache.k.nbytes + cache.v.nbytes) / 2**20
