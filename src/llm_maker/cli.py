@@ -101,10 +101,12 @@ def cmd_generate(args) -> int:
         ids, stop_ids = tokenizer.encode(args.prompt), [tokenizer.eos_id]
         sys.stdout.write(args.prompt)
     else:  # one chat turn: the system message and the prompt as the user's, in the model's template
+        from llm_maker.serve.engine import chat_template
         from llm_maker.sft.templates import prompt_ids, stop_token_ids
 
+        template = chat_template(meta, None, tokenizer)  # an imported model's own Jinja, else its named one
         messages = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
-        ids, stop_ids = prompt_ids(tokenizer, messages, meta.template), stop_token_ids(tokenizer, meta.template)
+        ids, stop_ids = prompt_ids(tokenizer, messages, template), stop_token_ids(tokenizer, template)
     for piece in stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,

@@ -3,6 +3,12 @@ LM Studio, llama-cpp-python) can run, written with the `gguf` package under llam
 architecture: its tensor names (gguf's own TensorNameMap), hyperparameters, the byte-level BPE
 vocabulary with merges and token types, special token ids and the chat template.
 
+What the model is travels with it: the bos/eos/pad/unk ids an import kept (`special_ids`, else
+ours: <|endoftext|> as bos, never added; the template's end token as eos; our pad), the model's own
+Jinja template (else its llm-maker template as Jinja), and for a model that came from a GGUF its
+pre-tokenizer name (`gguf_pre`; `--gguf-pre` overrides), so a GGUF imported and exported again
+reads as the original.
+
 Weights: f16 (default) or f32 for matrices; norms stay f32, as llama.cpp expects.
 
 RoPE layout. llama.cpp's `llama` architecture rotates *adjacent* pairs of each head,
@@ -25,13 +31,13 @@ import torch
 
 from llm_maker.artifacts import atomic_path
 from llm_maker.errors import LLMMakerError
-from llm_maker.export.hf import eos_token_of, hf_weight_name, stop_ids_of
+from llm_maker.export.hf import SPECIAL_IDS_KEY, chat_template_of, hf_weight_name, special_ids_of, stop_ids_of
 from llm_maker.model.llama import LlamaConfig
-from llm_maker.sft.templates import hf_tokenizer_config
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import ModelMeta, load_model_dir, model_state_dict
 
 GGUF_DTYPES = ("f16", "f32")
+GGUF_PRE_KEY = "gguf_pre"  # ModelMeta.extra: the tokenizer.ggml.pre of the GGUF a model was imported from
 
 
 def permute_for_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -114,13 +120,19 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], cfg: LlamaConfig, tok
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     tokens, types, merges = vocab_for_gguf(tokenizer, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    w.add_tokenizer_pre(pre or pre_tokenizer_name(tokenizer))
+    w.add_tokenizer_pre(pre or meta.extra.get(GGUF_PRE_KEY) or pre_tokenizer_name(tokenizer))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(tokenizer.eos_id)  # documents are separated by <|endoftext|>; never added (below)
-    w.add_eos_token_id(tokenizer.token_id(eos_token_of(meta)))
-    w.add_pad_token_id(tokenizer.pad_id)
+    ids = special_ids_of(meta, tokenizer)
+    if SPECIAL_IDS_KEY not in meta.extra:  # ours: documents are separated by <|endoftext|>; never added (below)
+        ids["bos"] = tokenizer.eos_id
+    if ids["bos"] is not None:
+        w.add_bos_token_id(ids["bos"])
+    w.add_eos_token_id(ids["eos"])
+    w.add_pad_token_id(ids["pad"])
+    if ids["unk"] is not None:
+        w.add_unk_token_id(ids["unk"])
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     stop = stop_ids_of(meta, tokenizer)
@@ -153,7 +165,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, force: bool = False, dty
     model, tokenizer, meta = load_model_dir(model_dir)
     cfg = model.config
     tensors = gguf_tensors(model_state_dict(model), cfg, dtype)
-    chat_template = hf_tokenizer_config(meta.chat_template, cfg.seq_len).get("chat_template")
+    chat_template = chat_template_of(meta)
     name = meta.recipe or model_dir.name
     with atomic_path(out) as tmp:
         write_gguf(tmp, tensors, cfg, tokenizer, meta, chat_template, f"{name}-{meta.stage or 'model'}", dtype, pre)

@@ -11,7 +11,9 @@ output.weight. q/k rows are moved back from llama.cpp's interleaved-pairs RoPE l
 split halves (the inverse of gguf_export.permute_for_llama_cpp). The chat template
 (tokenizer.chat_template) is kept as Jinja text in config.json's `jinja_chat_template`, and
 `chat_template` names our template (chatml, parchment) when it renders turns as that one does;
-the end-of-turn and end-of-text ids become the stop tokens.
+the end-of-turn and end-of-text ids become the stop tokens. The file's bos/eos/pad/unk ids are
+kept in `special_ids` and its pre-tokenizer name (tokenizer.ggml.pre) in `gguf_pre`, so exports
+(export/hf.py, export/gguf_export.py) name them as the original does.
 
 Refused before anything is written, naming the file and the field: another architecture, a tensor
 type the gguf package cannot dequantize, a file without a tokenizer, rope scaling.
@@ -26,17 +28,17 @@ import torch
 
 from llm_maker.artifacts import atomic_dir, fingerprint, write_manifest
 from llm_maker.errors import LLMMakerError, RecipeError
-from llm_maker.export.hf import check_export_target, hf_weight_name
+from llm_maker.export.gguf_export import GGUF_PRE_KEY
+from llm_maker.export.hf import JINJA_KEY, SPECIAL_IDS_KEY, check_export_target, hf_weight_name
 from llm_maker.export.import_hf import grow_vocab, id_space
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
 from llm_maker.recipe import PACKAGE_PATH_PREFIX, package_file
-from llm_maker.sft.templates import TEMPLATE_SPECS, jinja_chat_template
+from llm_maker.sft.templates import template_name_of
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
 from llm_maker.tokenizer.tokenizer import PAD, Tokenizer
 from llm_maker.train.checkpoint import ModelMeta, write_model_files
 
 ARCHITECTURE = "llama"
-JINJA_KEY = "jinja_chat_template"  # ModelMeta.extra: the GGUF's own template, as Jinja text
 _MISSING = object()
 
 
@@ -199,39 +201,24 @@ def stop_ids_from_gguf(reader: Any, tokenizer: Tokenizer, path: Path) -> list[in
     return list(dict.fromkeys(int(i) for i in [*ids, tokenizer.eos_id] if i is not None))
 
 
-PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}]
+def special_ids_from_gguf(reader: Any, path: Path) -> dict[str, Optional[int]]:
+    """{"bos", "eos", "pad", "unk"}: the file's tokenizer.ggml.*_token_id (None where it has none)."""
+    keys = {"bos": "bos", "eos": "eos", "pad": "padding", "unk": "unknown"}
+    ids = {k: gguf_field(reader, f"tokenizer.ggml.{name}_token_id", path, None) for k, name in keys.items()}
+    return {k: None if v is None else int(v) for k, v in ids.items()}
 
 
-def render_jinja(template: str, messages: list[dict[str, str]]) -> Optional[str]:
-    """`template` rendered as transformers renders chat templates (sandboxed), or None if it fails."""
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        return None
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    try:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token="", eos_token="")
-    except Exception:  # a template of syntax or variables we do not provide
-        return None
-
-
-def template_name_of(jinja: Optional[str]) -> Optional[str]:
-    """Our template (chatml, parchment) that renders a conversation with a system turn exactly as
-    `jinja` does, else None. (SmolLM2's adds a default system turn only when none is given.)"""
-    if not jinja:
-        return None
-    theirs = render_jinja(jinja, PROBE_CHAT)
-    for name in TEMPLATE_SPECS:
-        if theirs is not None and theirs == render_jinja(jinja_chat_template(name), PROBE_CHAT):
-            return name
-    return None
+def gguf_meta_extra(reader: Any, path: Path) -> dict[str, Any]:
+    """What config.json keeps of the file's tokenizer metadata: its Jinja template, special ids and
+    pre-tokenizer name (ModelMeta.extra)."""
+    extra: dict[str, Any] = {SPECIAL_IDS_KEY: special_ids_from_gguf(reader, path)}
+    jinja = gguf_field(reader, "tokenizer.chat_template", path, None)
+    if jinja:
+        extra[JINJA_KEY] = jinja
+    pre = gguf_field(reader, "tokenizer.ggml.pre", path, None)
+    if pre:
+        extra[GGUF_PRE_KEY] = pre
+    return extra
 
 
 # --------------------------------------------------------------------------------------
@@ -262,11 +249,12 @@ def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> 
     model.load_state_dict(sd, strict=True)
     source = str(path.resolve())
     name = gguf_field(reader, "general.name", path, None) or path.stem
-    jinja = gguf_field(reader, "tokenizer.chat_template", path, None)
+    extra = gguf_meta_extra(reader, path)
     fp = fingerprint({"imported_from": source, "tokenizer_hash": tokenizer.hash, "model": cfg.to_dict()})
-    meta = ModelMeta(stage="pretrain", recipe=name, fingerprint=fp, imported_from=source,
-                     chat_template=template_name_of(jinja), stop_token_ids=stop_ids_from_gguf(reader, tokenizer, path),
-                     extra={JINJA_KEY: jinja} if jinja else {})
+    meta = ModelMeta(stage="sft" if extra.get(JINJA_KEY) else "pretrain", recipe=name, fingerprint=fp,  # sft: chats
+                     imported_from=source,
+                     chat_template=template_name_of(extra.get(JINJA_KEY)),
+                     stop_token_ids=stop_ids_from_gguf(reader, tokenizer, path), extra=extra)
     with atomic_dir(out) as tmp:
         (tmp / "tokenizer").mkdir()
         tokenizer.save(tmp / "tokenizer")

@@ -10,6 +10,12 @@ eval --suite work on it as on a run trained here. Weights map 1:1 (module names 
 LlamaForCausalLM; both rotate split halves). Special tokens the checkpoint lacks get new
 embedding rows set to the mean of the existing ones, a neutral start for fine-tuning.
 
+The model's identity is kept in config.json (ModelMeta): its own Jinja chat template
+(chat_template.jinja or tokenizer_config.json's `chat_template`) in extra["jinja_chat_template"],
+its bos/eos/pad/unk ids in extra["special_ids"], its end-of-turn ids (generation_config.json's
+eos_token_id) as stop_token_ids, its name as the recipe, and stage sft when it has a chat template
+(an instruct model). It pads with its own pad token when it names one, so no <|pad|> row is added.
+
 Only what our decoder computes is accepted: model_type llama, SiLU, no attention/MLP biases,
 head_dim = hidden_size / heads, plain RoPE (no rope scaling). Anything else is refused with
 the config field that differs, before anything is written.
@@ -18,17 +24,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file
 
 from llm_maker.artifacts import atomic_dir, fingerprint, write_manifest
-from llm_maker.errors import LLMMakerError
-from llm_maker.export.hf import check_export_target
+from llm_maker.errors import LLMMakerError, RecipeError
+from llm_maker.export.hf import JINJA_KEY, SPECIAL_IDS_KEY, check_export_target
 from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
+from llm_maker.sft.templates import template_name_of
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
-from llm_maker.tokenizer.tokenizer import Tokenizer
+from llm_maker.tokenizer.tokenizer import PAD, Tokenizer
 from llm_maker.train.checkpoint import ModelMeta, write_model_files
 
 SKIPPED_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed here
@@ -132,6 +139,78 @@ def grow_vocab(sd: dict[str, torch.Tensor], cfg: LlamaConfig, new_size: int) -> 
     return LlamaConfig(**{**cfg.to_dict(), "vocab_size": new_size})
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when the file is absent."""
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def token_text(value: Any) -> Optional[str]:
+    """A tokenizer_config.json token entry: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def jinja_template_of(hf_dir: Path, tok_cfg: dict[str, Any]) -> Optional[str]:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of
+    {"name", "template"} whose "default" entry is the chat template)."""
+    file = hf_dir / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text(encoding="utf-8") or None
+    jinja = tok_cfg.get("chat_template")
+    if isinstance(jinja, list):
+        named = {t.get("name"): t.get("template") for t in jinja if isinstance(t, dict)}
+        jinja = named.get("default")
+    return jinja if isinstance(jinja, str) and jinja else None
+
+
+def _ids(value: Any) -> list[int]:
+    items = value if isinstance(value, list) else [value]
+    return [int(i) for i in items if isinstance(i, int)]
+
+
+def model_special_ids(tokenizer: Tokenizer, tok_cfg: dict[str, Any], gen_cfg: dict[str, Any],
+                      hf_cfg: dict[str, Any]) -> dict[str, Optional[int]]:
+    """{"bos", "eos", "pad", "unk"} as the original has them: generation_config.json's (then
+    config.json's) *_token_id, else the tokenizer_config.json token's id; eos and pad fall back
+    to the tokenizer's own."""
+    out: dict[str, Optional[int]] = {}
+    for key in ("bos", "eos", "pad", "unk"):
+        ids = _ids(gen_cfg.get(f"{key}_token_id")) or _ids(hf_cfg.get(f"{key}_token_id"))
+        text = token_text(tok_cfg.get(f"{key}_token"))
+        out[key] = ids[0] if ids else (tokenizer.token_id(text) if text else None)
+    out["eos"] = tokenizer.eos_id if out["eos"] is None else out["eos"]
+    out["pad"] = tokenizer.pad_id if out["pad"] is None else out["pad"]
+    return out
+
+
+def stop_ids_of(tokenizer: Tokenizer, tok_cfg: dict[str, Any], gen_cfg: dict[str, Any]) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list), else tokenizer_config.json's eos_token."""
+    ids = _ids(gen_cfg.get("eos_token_id"))
+    eos = token_text(tok_cfg.get("eos_token"))
+    if not ids and eos and tokenizer.token_id(eos) is not None:
+        ids = [tokenizer.token_id(eos)]
+    return list(dict.fromkeys(ids))
+
+
+def model_name(hf_cfg: dict[str, Any], hf_dir: Path) -> str:
+    """config.json's `_name_or_path` basename (e.g. SmolLM2-135M-Instruct), else the folder's name."""
+    name = Path(str(hf_cfg.get("_name_or_path") or "")).name
+    return name if name and name not in (".", "..") else hf_dir.resolve().name
+
+
+def hf_tokenizer(hf_dir: Path, tok_cfg: dict[str, Any]) -> Tokenizer:
+    """The checkpoint's tokenizer, padding with its own pad token when tokenizer_config.json names
+    one the tokenizer has (<|pad|> itself is our default: naming it would change the file's hash)."""
+    pad = token_text(tok_cfg.get("pad_token"))
+    if pad and pad != PAD:
+        try:
+            return load_pretrained_tokenizer(hf_dir, pad_token=pad)
+        except (LLMMakerError, RecipeError):  # not a token of this tokenizer: add ours
+            pass
+    return load_pretrained_tokenizer(hf_dir)
+
+
 def id_space(tokenizer: Tokenizer) -> int:
     return max(tokenizer.vocab_size, max(tokenizer.hf.get_vocab(with_added_tokens=True).values()) + 1)
 
@@ -143,14 +222,23 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     if not config_file.is_file():
         raise LLMMakerError(f"{hf_dir}: no config.json; not a Hugging Face model directory")
     check_export_target(out, force, hf_dir)
-    cfg = llama_config_from_hf(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
-    tokenizer = load_pretrained_tokenizer(hf_dir)
+    hf_cfg = read_json(config_file)
+    cfg = llama_config_from_hf(hf_cfg, str(config_file))
+    tok_cfg, gen_cfg = read_json(hf_dir / "tokenizer_config.json"), read_json(hf_dir / "generation_config.json")
+    tokenizer = hf_tokenizer(hf_dir, tok_cfg)
     sd = our_state_dict(read_hf_weights(hf_dir), cfg, str(hf_dir))
     cfg = grow_vocab(sd, cfg, id_space(tokenizer))
     model = LlamaModel(cfg)
     model.load_state_dict(sd, strict=True)
     fp = fingerprint({"imported_from": str(hf_dir.resolve()), "tokenizer_hash": tokenizer.hash, "model": cfg.to_dict()})
-    meta = ModelMeta(stage="pretrain", recipe=hf_dir.name, fingerprint=fp, imported_from=str(hf_dir.resolve()))
+    jinja = jinja_template_of(hf_dir, tok_cfg)
+    extra: dict[str, Any] = {SPECIAL_IDS_KEY: model_special_ids(tokenizer, tok_cfg, gen_cfg, hf_cfg)}
+    if jinja:
+        extra[JINJA_KEY] = jinja
+
+    meta = ModelMeta(stage="sft" if jinja else "pretrain", recipe=model_name(hf_cfg, hf_dir), fingerprint=fp,
+                     imported_from=str(hf_dir.resolve()), chat_template=template_name_of(jinja),
+                     stop_token_ids=stop_ids_of(tokenizer, tok_cfg, gen_cfg), extra=extra)
     with atomic_dir(out) as tmp:
         (tmp / "tokenizer").mkdir()
         tokenizer.save(tmp / "tokenizer")

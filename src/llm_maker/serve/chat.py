@@ -16,7 +16,7 @@ from llm_maker.errors import LLMMakerError
 from llm_maker.serve.engine import chat_template, special_ids
 from llm_maker.serve.generate import check_settings, decode_stream, generate
 from llm_maker.serve.inference import load_for_inference
-from llm_maker.sft.templates import prompt_ids, stop_token_ids
+from llm_maker.sft.templates import ChatFormat, prompt_ids, stop_token_ids
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit", "/bye")
@@ -25,7 +25,7 @@ USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
 
 
-def fit_history(tokenizer: Tokenizer, messages: list[dict], template: str,
+def fit_history(tokenizer: Tokenizer, messages: list[dict], template: ChatFormat,
                 budget_tokens: int) -> tuple[list[dict], int]:
     """Drop the oldest turns until the rendered prompt fits `budget_tokens`.
 
@@ -50,13 +50,14 @@ def chat_repl(model_dir: str | Path, template: Optional[str] = None, max_new_tok
               output: TextIO = sys.stdout) -> list[dict]:
     """Chat with the model in `model_dir` until exit; returns the final history.
 
-    `template` defaults to the one the model was fine-tuned with (config.json's
-    chat_template), else chatml. Sampling defaults are the LLM Maker design doc's chat app (top-k 40).
+    `template` defaults to an imported model's own Jinja template, else the one the model was
+    fine-tuned with (config.json's chat_template), else chatml. Sampling defaults are the LLM Maker
+    design doc's chat app (top-k 40).
     `precision` (auto | bf16 | fp16 | fp32) is the weights' dtype, by `devices.inference_dtype`'s rule."""
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)  # before loading anything
     dev = resolve_device(device or "auto")
     model, tokenizer, meta = load_for_inference(model_dir, dev, precision)
-    template = chat_template(meta, template)
+    template = chat_template(meta, template, tokenizer)
     seq_len = model.config.seq_len
     if max_new_tokens >= seq_len:
         raise LLMMakerError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterable, Optional
 from llm_maker.devices import precision_name
 from llm_maker.serve.inference import load_for_inference
 from llm_maker.serve.rope_scaling import DynamicRope
-from llm_maker.sft.templates import stop_token_ids
+from llm_maker.sft.templates import ChatFormat, JinjaTemplate, stop_token_ids
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train.checkpoint import ModelMeta
 
@@ -99,7 +99,7 @@ class ChatEngine:
 
     model: Any  # LlamaModel
     tokenizer: Tokenizer
-    template: str
+    template: ChatFormat
     name: str
     model_dir: Path
     stage: str
@@ -114,7 +114,7 @@ class ChatEngine:
         model_dir = Path(model_dir)
         model, tokenizer, meta = load_for_inference(model_dir, device, precision)
         rope = DynamicRope(model, rope_scaling) if rope_scaling and rope_scaling != 1.0 else None
-        return cls(model=model, tokenizer=tokenizer, template=chat_template(meta, template),
+        return cls(model=model, tokenizer=tokenizer, template=chat_template(meta, template, tokenizer),
                    name=name or default_model_name(model_dir, meta), model_dir=model_dir,
                    stage=meta.stage or "unknown", rope=rope, precision=precision_name(model.embed_tokens.weight.dtype))
 
@@ -134,10 +134,31 @@ class ChatEngine:
         return frozenset(stop_token_ids(self.tokenizer, self.template))
 
 
-def chat_template(meta: ModelMeta, override: Optional[str] = None) -> str:
-    """The template prompts are rendered with: `override`, else the one the model was fine-tuned
-    with (config.json's chat_template), else chatml."""
-    return override or meta.template
+JINJA_KEY = "jinja_chat_template"  # ModelMeta.extra: an imported model's own chat template, as Jinja text
+
+
+def chat_template(meta: ModelMeta, override: Optional[str] = None,
+                  tokenizer: Optional[Tokenizer] = None) -> ChatFormat:
+    """The template prompts are rendered with: `override`, else an imported model's own Jinja template
+    (exact, default system message included, even where a named template renders turns alike), else
+    the one the model was fine-tuned with (config.json's chat_template), else chatml."""
+    if override:
+        return override
+    jinja = meta.extra.get(JINJA_KEY)
+    if jinja and tokenizer is not None:
+        return model_jinja_template(meta, jinja, tokenizer)
+    return meta.template
+
+
+def model_jinja_template(meta: ModelMeta, jinja: str, tokenizer: Tokenizer) -> JinjaTemplate:
+    """The model's template with its special tokens (extra["special_ids"]) as variables and its stop
+    ids (config.json's stop_token_ids, else the tokenizer's eos)."""
+    names = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "unk": "unk_token"}
+    ids = meta.extra.get("special_ids") or {"eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    tokens = {names[k]: tokenizer.hf.id_to_token(int(i)) for k, i in ids.items() if k in names and i is not None}
+    stops = tuple(int(i) for i in meta.stop_token_ids) or (tokenizer.eos_id,)
+    return JinjaTemplate(text=jinja, stop_ids=stops,
+                         special_tokens=tuple((k, v) for k, v in tokens.items() if v is not None))
 
 
 def special_ids(tokenizer: Tokenizer) -> frozenset[int]:

@@ -27,7 +27,7 @@ from llm_maker.artifacts import (
 from llm_maker.devices import resolve_device
 from llm_maker.errors import CheckpointError, DataError
 from llm_maker.layout import BEST, FINAL, WEIGHTS, RunPaths
-from llm_maker.recipe import Recipe
+from llm_maker.recipe import Recipe, SFTConfig
 from llm_maker.sft.dataset import SFTBatches, encode_conversations, split_heldout
 from llm_maker.sft.formats import data_signature, load_sft_data
 from llm_maker.sft.templates import hf_tokenizer_config, stop_token_ids
@@ -104,6 +104,17 @@ def record_choice(out: Path, recipe: Recipe) -> None:
         atomic_write_json(out / "manifest.json", {**manifest, "use": want})
 
 
+def sft_template(recipe_template: str, base_meta: ModelMeta) -> str:
+    """The template SFT trains with: the recipe's, unless that is the default and the base model (an
+    import) has its own template that one of ours renders alike (config.json's chat_template, set by
+    import-hf / import-gguf's probe). A Jinja template ours do not match is not trained with: its
+    turns' label masks are not known, so SFT falls back to the recipe's (chatml)."""
+    default = next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "template")
+    if recipe_template == default and base_meta.chat_template and base_meta.extra.get("jinja_chat_template"):
+        return base_meta.chat_template
+    return recipe_template
+
+
 def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool = False) -> Path:
     """Fine-tune pretrain/final (or best/: sft.start_from) on chat data with completion-only loss;
     returns sft/ (with final/, and best/ unless sft.use is final, when done)."""
@@ -122,8 +133,8 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     (out / "manifest.json").unlink(missing_ok=True)  # from here on, sft/ is not a finished stage
 
     tokenizer = Tokenizer.load(paths.tokenizer)
-    model, _, _ = load_model_dir(base_dir, device="cpu", expected_tokenizer_hash=tokenizer.hash)
-    template = recipe.sft.template
+    model, _, base_meta = load_model_dir(base_dir, device="cpu", expected_tokenizer_hash=tokenizer.hash)
+    template = sft_template(recipe.sft.template, base_meta)
 
     convs, mixture = sft_conversations(recipe)
     train, heldout = split_heldout(convs, recipe.sft.data.heldout_fraction, recipe.data.selection_key)

@@ -22,7 +22,8 @@ pieces are encoded apart (here, for the label mask) or as one string (transforme
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from datetime import datetime
+from typing import Any, Optional, Union
 
 from llm_maker.errors import LLMMakerError
 from llm_maker.tokenizer.tokenizer import EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, Tokenizer
@@ -101,15 +102,61 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str) -> tu
     return ids, labels
 
 
-def prompt_ids(tokenizer: Tokenizer, messages: list[dict], template: str) -> list[int]:
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """A model's own Hugging Face chat template (config.json's extra["jinja_chat_template"]), rendered
+    as transformers' `apply_chat_template` renders it; generation stops on `stop_ids`."""
+
+    text: str
+    stop_ids: tuple[int, ...]
+    special_tokens: tuple[tuple[str, str], ...] = ()  # (bos_token, "<s>"), ...: the template's variables
+
+    def __str__(self) -> str:
+        return "the model's own (Jinja)"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat_jinja(self.text, messages, add_generation_prompt, **dict(self.special_tokens))
+
+
+ChatFormat = Union[str, JinjaTemplate]  # a TEMPLATE_SPECS name, or a model's own Jinja template
+
+
+def render_chat_jinja(text: str, messages: list[dict], add_generation_prompt: bool = True,
+                      **special_tokens: str) -> str:
+    """`text` rendered as transformers renders chat templates: a sandboxed environment with trim_blocks,
+    lstrip_blocks and loop controls, `raise_exception` and `strftime_now`, the special tokens as variables."""
+    try:
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise LLMMakerError("rendering the model's own chat template needs jinja2 (pip install 'llm-maker[hf]')") \
+            from None
+
+    def raise_exception(message: str) -> None:
+        raise LLMMakerError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(text).render(messages=messages, tools=None, documents=None,
+                                            add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.TemplateError as e:
+        raise LLMMakerError(f"the model's chat template does not render: {e}") from None
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: list[dict], template: ChatFormat) -> list[int]:
     """The conversation so far plus the assistant header: what generation continues from."""
+    if isinstance(template, JinjaTemplate):  # special tokens in the rendered text become their ids
+        return tokenizer.encode(template.render(validate_messages(messages) if messages else []))
     spec = template_spec(template)
     ids = encode_chat(tokenizer, messages, template)[0] if messages else []
     head, _ = _turn_pieces(tokenizer, spec, "assistant")
     return ids + head
 
 
-def stop_token_ids(tokenizer: Tokenizer, template: str) -> list[int]:
+def stop_token_ids(tokenizer: Tokenizer, template: ChatFormat) -> list[int]:
+    if isinstance(template, JinjaTemplate):
+        return list(template.stop_ids)
     return [_special_id(tokenizer, t) for t in template_spec(template).stop_tokens]
 
 
@@ -142,3 +189,28 @@ def hf_tokenizer_config(template: Optional[str], model_max_length: int) -> dict[
     if template:
         config.update(chat_template=jinja_chat_template(template), eos_token=end_token(template))
     return config
+
+
+PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}]
+
+
+def render_jinja(template: str, messages: list[dict[str, str]]) -> Optional[str]:
+    """`template` rendered as transformers renders chat templates (`render_chat_jinja`, no special
+    tokens), or None when it does not render."""
+    try:
+        return render_chat_jinja(template, messages, add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception:  # a broken or exotic template: not one of ours
+        return None
+
+
+def template_name_of(jinja: Optional[str]) -> Optional[str]:
+    """Our template (chatml, parchment) that renders a conversation with a system turn exactly as
+    `jinja` does, else None. (SmolLM2's adds a default system turn only when none is given.)"""
+    if not jinja:
+        return None
+    theirs = render_jinja(jinja, PROBE_CHAT)
+    for name in TEMPLATE_SPECS:
+        if theirs is not None and theirs == render_jinja(jinja_chat_template(name), PROBE_CHAT):
+            return name
+    return None
