@@ -26,17 +26,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from llm_maker.artifacts import atomic_dir, fingerprint, write_manifest
+from llm_maker.artifacts import fingerprint
 from llm_maker.errors import LLMMakerError, RecipeError
 from llm_maker.export.gguf_export import GGUF_PRE_KEY
 from llm_maker.export.hf import JINJA_KEY, SPECIAL_IDS_KEY, check_export_target, hf_weight_name
-from llm_maker.export.import_hf import grow_vocab, id_space
-from llm_maker.model.llama import LlamaConfig, LlamaModel, count_parameters
+from llm_maker.export.import_hf import grow_vocab, id_space, write_imported_run
+from llm_maker.model.llama import LlamaConfig, LlamaModel
 from llm_maker.recipe import PACKAGE_PATH_PREFIX, package_file
 from llm_maker.sft.templates import template_name_of
 from llm_maker.tokenizer.pretrained import load_pretrained_tokenizer
 from llm_maker.tokenizer.tokenizer import PAD, Tokenizer
-from llm_maker.train.checkpoint import ModelMeta, write_model_files
+from llm_maker.train.checkpoint import ModelMeta
 
 ARCHITECTURE = "llama"
 _MISSING = object()
@@ -255,15 +255,4 @@ def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> 
                      imported_from=source,
                      chat_template=template_name_of(extra.get(JINJA_KEY)),
                      stop_token_ids=stop_ids_from_gguf(reader, tokenizer, path), extra=extra)
-    with atomic_dir(out) as tmp:
-        (tmp / "tokenizer").mkdir()
-        tokenizer.save(tmp / "tokenizer")
-        write_manifest(tmp / "tokenizer", "tokenizer", fp, type="pretrained", vocab_size=tokenizer.vocab_size,
-                       special_tokens=tokenizer.special_token_ids, pad_token=tokenizer.pad_token,
-                       tokenizer_hash=tokenizer.hash, imported_from=source)
-        (tmp / "pretrain" / "final").mkdir(parents=True)
-        write_model_files(tmp / "pretrain" / "final", model, tokenizer, meta)
-        write_manifest(tmp / "pretrain", "pretrain", fp, model=cfg.to_dict(), parameters=count_parameters(cfg),
-                       tokenizer_hash=tokenizer.hash, imported_from=source, name=name,
-                       summary={"steps": 0, "tokens_seen": None, "final_dir": str(out / "pretrain" / "final")})
-    return out
+    return write_imported_run(out, model, tokenizer, meta, name=name)

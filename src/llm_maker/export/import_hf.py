@@ -239,15 +239,23 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     meta = ModelMeta(stage="sft" if jinja else "pretrain", recipe=model_name(hf_cfg, hf_dir), fingerprint=fp,
                      imported_from=str(hf_dir.resolve()), chat_template=template_name_of(jinja),
                      stop_token_ids=stop_ids_of(tokenizer, tok_cfg, gen_cfg), extra=extra)
+    return write_imported_run(out, model, tokenizer, meta)
+
+
+def write_imported_run(out: Path, model: LlamaModel, tokenizer: Tokenizer, meta: ModelMeta,
+                       **pretrain_manifest: Any) -> Path:
+    """An imported model as a run directory, atomically: tokenizer/ and pretrain/final/ with the
+    manifests the tokenizer and pretrain stages would write (import-hf and import-gguf alike)."""
+    cfg, fp, source = model.config, meta.fingerprint, meta.imported_from
     with atomic_dir(out) as tmp:
         (tmp / "tokenizer").mkdir()
         tokenizer.save(tmp / "tokenizer")
         write_manifest(tmp / "tokenizer", "tokenizer", fp, type="pretrained", vocab_size=tokenizer.vocab_size,
                        special_tokens=tokenizer.special_token_ids, pad_token=tokenizer.pad_token,
-                       tokenizer_hash=tokenizer.hash, imported_from=str(hf_dir.resolve()))
+                       tokenizer_hash=tokenizer.hash, imported_from=source)
         (tmp / "pretrain" / "final").mkdir(parents=True)
         write_model_files(tmp / "pretrain" / "final", model, tokenizer, meta)
         write_manifest(tmp / "pretrain", "pretrain", fp, model=cfg.to_dict(), parameters=count_parameters(cfg),
-                       tokenizer_hash=tokenizer.hash, imported_from=str(hf_dir.resolve()),
+                       tokenizer_hash=tokenizer.hash, imported_from=source, **pretrain_manifest,
                        summary={"steps": 0, "tokens_seen": None, "final_dir": str(out / "pretrain" / "final")})
     return out
