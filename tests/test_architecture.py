@@ -29,11 +29,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("recipe",),
     ("tokenizer", "data", "pack"),
     ("train",),
-    ("sft", "serve", "audit", "eval", "plan"),
+    ("sft", "distill", "dpo", "serve", "audit", "eval", "plan"),
     ("export", "registry"),
     ("eval.lm_eval_suite",),
     ("export.push",),  # publishes an export with its lm-eval results
-    ("data.stage", "tokenizer.stage", "pack.packer", "train.stage", "sft.stage", "eval.evaluate"),
+    ("data.stage", "tokenizer.stage", "pack.packer", "train.stage", "distill.stage", "sft.stage", "dpo.stage",
+     "eval.evaluate"),
     ("pipeline", "summary"),
     ("cli", "__main__"),
 ]

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from helpers import make_tokenizer, random_model
 from llm_maker.devices import auto_precision, device_caps, inference_dtype
 from llm_maker.errors import RecipeError
+from llm_maker.serve import inference
 from llm_maker.serve.generate import generate
 from llm_maker.serve.inference import PackedLinear, can_pack, load_for_inference, pack_linears
 from llm_maker.train.checkpoint import load_model_dir, save_model_dir
 
 needs_packing = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
-                                   reason="this PyTorch build has no oneDNN packed linear")
+                                   reason="oneDNN packs no bf16 weight here (a build without it, or an AVX2-only CPU)")
 
 
 def test_inference_dtype_follows_the_training_rule():
@@ -68,3 +69,24 @@ def test_fp32_loads_the_saved_weights_unchanged(tmp_path):
 def test_pack_linears_counts_every_projection():
     model = random_model(64, tie_embeddings=False).bfloat16()
     assert pack_linears(model) == 7 * model.config.n_layers + 1  # q k v o gate up down, and the head
+
+
+def test_bf16_on_a_cpu_that_cannot_pack_runs_on_plain_weights(tmp_path, monkeypatch):
+    """An AVX2-only CPU (no AVX-512, no AMX): oneDNN refuses to pack a bf16 weight. `--precision
+    bf16` there loads plain bf16 layers instead of failing at load."""
+    def refuse(weight, batch_size):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or "
+                           "avx512bw, avx512vl and avx512dq")
+
+    monkeypatch.setattr(inference, "_reorder_linear_weight", refuse)
+    inference._cpu_packs_bf16.cache_clear()
+    try:
+        assert not can_pack(torch.device("cpu"), torch.bfloat16)
+        tok = make_tokenizer()
+        save_model_dir(tmp_path / "m", random_model(tok.vocab_size), tok, {"stage": "pretrain", "recipe": "t"})
+        model, _, _ = load_for_inference(tmp_path / "m", "cpu", "bf16")
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # not packed
+        assert len(list(generate(model, tok.encode("The return"), 4))) == 4
+    finally:
+        inference._cpu_packs_bf16.cache_clear()

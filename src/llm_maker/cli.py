@@ -2,7 +2,7 @@
 
     llm-maker pipeline RECIPE        every stage in order (skips what is up to date, resumes)
     llm-maker data|tokenizer|pack RECIPE
-    llm-maker pretrain|sft RECIPE [--resume] [--force]
+    llm-maker pretrain|distill|sft|dpo RECIPE [--resume] [--force]   distill: against a teacher; dpo: preference pairs
     llm-maker plan RECIPE [--device h100] [--gpus N] [--tokens-per-s N | --mfu X]   memory, fit, time, cost
     torchrun --nproc_per_node=N -m llm_maker pretrain RECIPE   N processes: DDP, or FSDP2 (train.distributed)
     llm-maker eval RECIPE                                the recipe's eval stage (eval/report.md)
@@ -12,7 +12,7 @@
     llm-maker import-hf HF_DIR --out RUN_DIR
     llm-maker import-gguf FILE.gguf --out RUN_DIR         a llama.cpp `llama` GGUF (any quant) as a run
     llm-maker generate RUN_DIR --prompt TEXT
-    llm-maker chat RUN_DIR
+    llm-maker chat RUN_DIR [--model base|sft|dpo|distill|DIR]   (default: the newest: DPO, SFT, distilled, base)
     llm-maker summary RUN_DIR
     llm-maker serve RUN_DIR [--port 8000] [--rope-scaling 2]   web chat + OpenAI-compatible API on 127.0.0.1
     llm-maker registry RUNS_DIR                          REGISTRY.md of every model, each run's card.md + plots
@@ -243,14 +243,19 @@ def resume_command(args) -> str:
     return "llm-maker " + shlex.join(words)
 
 
+MODEL_CHOICES = ("base", "sft", "dpo", "distill")  # --model's names; anything else is a model directory
+
+
 def _model_dir(run_dir: str, which: Optional[str]) -> Path:
-    """The model `--model` names: base, sft, a model directory, or (None) the run's newest model;
-    of a training stage, the one later stages take (RunPaths.model: best/ or final/ as the recipe chose)."""
+    """The model `--model` names: base (the distilled model when the run has a finished distill
+    stage, else the pretrained one), sft, dpo, distill, a model directory, or (None) the run's newest
+    model; of a training stage, the one later stages take (RunPaths.model: best/ or final/ as the
+    recipe chose)."""
     paths = RunPaths.of(run_dir)
     if which == "base":
-        return paths.model("pretrain")
-    if which == "sft":
-        return paths.model("sft")
+        return paths.model(paths.base_stage())
+    if which in MODEL_CHOICES:
+        return paths.model(which)
     if which:
         return Path(which)
     if (Path(run_dir) / "config.json").is_file():  # a model directory itself
@@ -261,7 +266,8 @@ def _model_dir(run_dir: str, which: Optional[str]) -> Path:
 def _add_model(p: argparse.ArgumentParser) -> None:
     """RUN_DIR and --model, read by `_model_dir`."""
     p.add_argument("run_dir", help="a run directory (or a model directory)")
-    p.add_argument("--model", help="base, sft, or a model directory (default: SFT if present, else base)")
+    p.add_argument("--model", help="base, sft, dpo, distill, or a model directory (default: the newest of DPO, SFT, "
+                                   "distilled, base)")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,12 @@
                              data_report.{json,md}, doc_lengths.png (`llm-maker data-report`)
         pretrain/            checkpoints/step_XXXXXXXX/, final/, best/ (train.keep_best), metrics.csv,
                              manifest.json
+        distill/             the same, trained against a teacher (distill.enabled); in cached mode the
+                             teacher's top-k log-probs per packed token sit beside the pack, in
+                             pack/teacher/<teacher hash>-k<k>-T<T>-L<seq_len>/, reused by later runs
         sft/                 data/, checkpoints/, final/, best/, metrics.csv, manifest.json
+        dpo/                 data/, reference/ (the reference's log-probs), checkpoints/, final/,
+                             best/, metrics.csv, manifest.json (dpo.enabled)
         eval/                report.json, report.md, manifest.json;
                              lm_eval/{results.json,table.md,tasks/} (`llm-maker lm-eval`)
         audit/               contamination.{json,md} (`llm-maker audit`)
@@ -24,8 +29,8 @@ and the registry.
 
 A training stage may keep two models: final/ (the last step) and best/ (the evaluation with the
 best validation metric). Which one later stages take (eval, chat, serve, export, lm-eval) is the
-recipe's choice (`sft.use`, `sft.start_from`), recorded in the SFT stage's manifest; `RunPaths.model`
-is the one place that reads it.
+recipe's choice (`sft.use`, `dpo.use`, `sft.start_from`), recorded in the SFT and DPO stages'
+manifests; `RunPaths.model` is the one place that reads it.
 """
 from __future__ import annotations
 
@@ -56,7 +61,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", "train or load the tokenizer"),
     StageSpec("pack", "tokenize into memory-mapped token files"),
     StageSpec("pretrain", "pretrain the model", trains=True),
+    StageSpec("distill", "train the model against a teacher's distribution", trains=True, optional=True),
     StageSpec("sft", "instruction-tune the pretrained model", trains=True, optional=True),
+    StageSpec("dpo", "tune the SFT model on preference pairs (DPO)", trains=True, optional=True),
     StageSpec("eval", "evaluate and write the report", optional=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -85,11 +92,14 @@ class RunPaths:
         return self._train_stage_dir(name) / BEST
 
     def model(self, name: str) -> Path:
-        """The model of a training stage that later stages take: best/ or final/, as the SFT
-        manifest records the recipe's choice (`use` for SFT, `start_from` for pretraining);
-        final/ when nothing says best or best/ holds no weights."""
-        key = "use" if name == "sft" else "start_from"
-        chosen = self._train_stage_dir(name) / (read_manifest(self.sft) or {}).get(key, FINAL)
+        """The model of a training stage that later stages take: best/ or final/, as the manifests
+        record the recipe's choice (SFT's and DPO's own `use`; for pretraining and distillation,
+        the SFT manifest's `start_from`); final/ when nothing says best or best/ holds no weights."""
+        if name in ("sft", "dpo"):
+            choice = (read_manifest(self.stage_dir(name)) or {}).get("use", FINAL)
+        else:
+            choice = (read_manifest(self.sft) or {}).get("start_from", FINAL)
+        chosen = self._train_stage_dir(name) / choice
         return chosen if chosen.name in KEPT_MODELS and (chosen / WEIGHTS).is_file() else self.final(name)
 
     def _train_stage_dir(self, name: str) -> Path:
@@ -118,23 +128,38 @@ class RunPaths:
         return self.stage_dir("pretrain")
 
     @property
+    def distill(self) -> Path:
+        return self.stage_dir("distill")
+
+    @property
     def sft(self) -> Path:
         return self.stage_dir("sft")
+
+    @property
+    def dpo(self) -> Path:
+        return self.stage_dir("dpo")
 
     @property
     def eval(self) -> Path:
         return self.stage_dir("eval")
 
     def final_model(self) -> Path:
-        """The newest finished model: SFT's if it exists, else pretraining's (each as `model` picks)."""
-        for stage in ("sft", "pretrain"):
+        """The newest finished model: DPO's, else SFT's, else distillation's, else pretraining's
+        (each as `model` picks)."""
+        for stage in ("dpo", "sft", "distill", "pretrain"):
             if (self.model(stage) / WEIGHTS).is_file():
                 return self.model(stage)
-        raise LLMMakerError(f"{self.root}: no finished model (pretrain/final or sft/final); run the pipeline first")
+        raise LLMMakerError(f"{self.root}: no finished model (pretrain/final, distill/final, sft/final or "
+                            "dpo/final); run the pipeline first")
+
+    def base_stage(self) -> str:
+        """The pretrained model's stage, which SFT starts from and eval compares as the base: distill
+        when a distill stage has finished (its manifest), else pretrain."""
+        return "distill" if read_manifest(self.distill) is not None else "pretrain"
 
 
 def run_dir_of(model_dir: Path) -> Optional[Path]:
-    """RUN_DIR for RUN_DIR/{pretrain,sft}/{final,best} (or a checkpoint under them), else None."""
+    """RUN_DIR for RUN_DIR/{pretrain,distill,sft,dpo}/{final,best} (or a checkpoint under them), else None."""
     for parent in [model_dir, *model_dir.parents][:4]:
         if parent.name in TRAIN_STAGES:
             return parent.parent

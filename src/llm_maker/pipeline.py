@@ -1,4 +1,6 @@
-"""Run every stage of a recipe in order: data -> tokenizer -> pack -> pretrain -> sft -> eval.
+"""Run every stage of a recipe in order: data -> tokenizer -> pack -> pretrain -> distill -> sft
+-> dpo -> eval (distill and dpo when the recipe enables them; distill.student: scratch distills in
+place of pretraining, which is then skipped).
 
 Each stage skips itself when its manifest's fingerprint (config + upstream fingerprints) is
 unchanged, and the training stages resume from their newest complete checkpoint, so running
@@ -19,6 +21,8 @@ import yaml
 from llm_maker import layout
 from llm_maker.artifacts import atomic_write_text, read_manifest
 from llm_maker.data.stage import prepare_data
+from llm_maker.distill.stage import run_distill
+from llm_maker.dpo.stage import run_dpo
 from llm_maker.eval.evaluate import run_eval
 from llm_maker.layout import RunPaths, StageSpec
 from llm_maker.pack.packer import pack_tokens
@@ -66,8 +70,11 @@ _RUNNERS: dict[str, tuple[Runner, Callable[[Recipe], bool]]] = {
     "data": (_data, _always),
     "tokenizer": (_tokenizer, _always),
     "pack": (_pack, _always),
-    "pretrain": (run_pretrain, _always),
+    # distill.student: scratch distills in place of pretraining
+    "pretrain": (run_pretrain, lambda recipe: not (recipe.distill.enabled and recipe.distill.student == "scratch")),
+    "distill": (run_distill, lambda recipe: recipe.distill.enabled),
     "sft": (run_sft, lambda recipe: recipe.sft.enabled),
+    "dpo": (run_dpo, lambda recipe: recipe.dpo.enabled),
     "eval": (_eval, lambda recipe: recipe.eval.enabled),
 }
 assert set(_RUNNERS) == set(layout.STAGE_NAMES), "every stage of layout.STAGES needs a runner here"

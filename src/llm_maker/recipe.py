@@ -43,8 +43,12 @@ TemplateName = Literal["chatml", "parchment"]  # the keys of sft/templates.py's 
 SFTFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "squad"]  # sft/formats.py's converters
 KeptModel = Literal["best", "final"]  # a training stage's model later stages take (layout.py: best/, final/)
 # metrics.csv columns that train.best_metric may name, and whether higher is better
-BestMetric = Literal["val_loss", "val_token_acc", "mc_acc", "mc_acc_norm"]
-HIGHER_IS_BETTER = {"val_loss": False, "val_token_acc": True, "mc_acc": True, "mc_acc_norm": True}
+BestMetric = Literal["val_loss", "val_token_acc", "mc_acc", "mc_acc_norm", "val_pref_acc"]
+HIGHER_IS_BETTER = {"val_loss": False, "val_token_acc": True, "mc_acc": True, "mc_acc_norm": True,
+                    "val_pref_acc": True}
+DistillMode = Literal["online", "cached"]  # the teacher's forward on every micro-batch, or its top-k written once
+DistillStudent = Literal["scratch", "pretrain"]  # distill in place of pretraining, or after it
+PreferenceFormat = Literal["auto", "pairs", "messages", "hh"]  # dpo/data.py's readers
 assert set(HIGHER_IS_BETTER) == set(typing.get_args(BestMetric)), "every best_metric needs its direction"
 
 # FineWeb-Edu on the hub (data/fineweb.py reads it): its repos, and the names of its configs
@@ -416,9 +420,11 @@ class TrainConfig:
                f"must be >= 0 (0: plain loss), got {self.loss_chunk_size}")
         _check(self.early_stop_patience is None or self.early_stop_patience >= 1, f, f"{key}.early_stop_patience",
                f"must be at least 1 (or null: no early stopping), got {self.early_stop_patience}")
-        _check(not (key == "train" and self.best_metric == "val_token_acc"), f, f"{key}.best_metric",
-               "is val_token_acc, SFT's held-out token accuracy, which pretraining does not measure; use val_loss "
-               "(or mc_acc with train.mc_eval)")
+        _check(not (key in ("train", "distill.train") and self.best_metric == "val_token_acc"), f,
+               f"{key}.best_metric", "is val_token_acc, SFT's held-out token accuracy, which pretraining does not "
+               f"measure; use val_loss (or mc_acc with {key}.mc_eval)")
+        _check(key == "dpo.train" or self.best_metric != "val_pref_acc", f, f"{key}.best_metric",
+               "is val_pref_acc, DPO's held-out preference accuracy, which only the dpo stage measures; use val_loss")
         _check(self.mc_eval is not None or not self.best_metric.startswith("mc_"), f, f"{key}.best_metric",
                f"is {self.best_metric}, measured only with {key}.mc_eval (a multiple-choice file); set it or use "
                "val_loss")
@@ -474,6 +480,24 @@ class SFTDataConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Distillation's teacher and loss (distill/loss.py): loss = alpha * T^2 * KL(teacher_T || student_T)
+    + (1 - alpha) * cross-entropy, T the temperature. The teacher is any model directory this toolkit
+    loads (a run's final/ or best/, an import-hf or import-gguf run's model) with the student's tokenizer."""
+
+    teacher: Optional[str] = None  # the teacher's model directory; null: no distillation
+    alpha: float = 0.5  # the KL term's weight (0: plain training; 1: the teacher alone)
+    temperature: float = 2.0
+    teacher_precision: Precision = "auto"  # the teacher's weights and activations (devices.inference_dtype)
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        _check(0.0 <= self.alpha <= 1.0, f, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0, f, f"{key}.temperature", f"must be positive, got {self.temperature}")
+        if check_files and self.teacher is not None:
+            _check(Path(self.teacher).is_dir(), f, f"{key}.teacher", f"is not a model directory: {self.teacher}")
+
+
+@dataclass
 class SFTConfig:
     enabled: bool = True
     template: TemplateName = "chatml"
@@ -483,8 +507,77 @@ class SFTConfig:
     # sft.train.best_metric, kept whatever sft.train.keep_best says) or final/ (the last step).
     use: KeptModel = "best"
     # Which pretraining model SFT starts from (and eval compares as the base): final/, or best/
-    # (needs train.keep_best: true).
+    # (needs train.keep_best: true). The distill stage's, when it is enabled.
     start_from: KeptModel = "final"
+    # SFT with a teacher (online distillation on the supervised tokens): sft.distill.teacher names it.
+    distill: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class DistillConfig(TeacherConfig):
+    """The distill stage (distill/ in the run directory): the recipe's model learns from the packed
+    tokens and a teacher. student: scratch trains it from its seed in place of pretraining (the
+    pipeline skips pretrain); pretrain continues from pretrain/final. Later stages (SFT) start from
+    distill/'s model when the stage is enabled."""
+
+    enabled: bool = False
+    mode: DistillMode = "online"
+    top_k: int = 64  # cached mode: the teacher's log-probs kept per token (>= the vocabulary: all of them)
+    student: DistillStudent = "scratch"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        if not self.enabled:
+            return
+        _check(self.teacher is not None, f, f"{key}.teacher", "is required when distill.enabled is true: the "
+               "teacher's model directory (a run's pretrain/final, or an imported model's)")
+        super().validate(f, key, check_files)
+        _check(self.top_k >= 1, f, f"{key}.top_k", f"must be at least 1, got {self.top_k}")
+        self.train.validate(f, f"{key}.train", check_files)
+
+
+@dataclass
+class PreferenceDataConfig:
+    """DPO's (prompt, chosen, rejected) triples (dpo/data.py)."""
+
+    source: str = "builtin"  # builtin (from the built-in SFT set) | a .jsonl/.parquet file | hf:owner/name[:config]
+    format: PreferenceFormat = "auto"  # pairs: prompt/chosen/rejected strings; messages: chosen/rejected message
+    # lists (UltraFeedback-binarized); hh: chosen/rejected full texts (HH-RLHF); auto: from the first row's fields
+    split: str = "train"  # hub datasets only
+    heldout_fraction: float = 0.1
+    max_pairs: Optional[int] = None
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        if _is_local(self.source):
+            _exists(self.source, f, f"{key}.source", check_files)
+        _check(0.0 < self.heldout_fraction < 1.0, f, f"{key}.heldout_fraction",
+               f"must be in (0, 1): DPO reports its held-out preference accuracy; got {self.heldout_fraction}")
+        _check(self.max_pairs is None or self.max_pairs >= 2, f, f"{key}.max_pairs", "must be at least 2")
+
+
+@dataclass
+class DPOConfig:
+    """The dpo stage (dpo/ in the run directory): Direct Preference Optimization of the SFT model
+    (dpo/loss.py): loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), the log-probs
+    summed over each completion's tokens through the chat template."""
+
+    enabled: bool = False
+    beta: float = 0.1
+    reference: Optional[str] = None  # the frozen reference's model directory; null: the SFT model DPO starts from
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, max_steps=100, warmup_steps=10,
+                                                                   micro_batch_size=4, weight_decay=0.0))
+    use: KeptModel = "final"  # which DPO model eval, chat, serve and export take
+
+    def validate(self, f: str, key: str, check_files: bool) -> None:
+        if not self.enabled:
+            return
+        _check(self.beta > 0, f, f"{key}.beta", f"must be positive, got {self.beta}")
+        if check_files and self.reference is not None:
+            _check(Path(self.reference).is_dir(), f, f"{key}.reference",
+                   f"is not a model directory: {self.reference}")
+        self.data.validate(f, f"{key}.data", check_files)
+        self.train.validate(f, f"{key}.train", check_files)
 
 
 @dataclass
@@ -515,9 +608,17 @@ class Recipe:
     pack: PackConfig = field(default_factory=PackConfig)
     model: ModelConfigSpec = field(default_factory=ModelConfigSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     source_file: Optional[str] = field(default=None, metadata=NOT_YAML)  # set by load_recipe
+
+    @property
+    def base_stage(self) -> str:
+        """The stage whose model SFT starts from and eval scores as the base: distill when the
+        recipe enables it, else pretrain."""
+        return "distill" if self.distill.enabled else "pretrain"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -544,7 +645,12 @@ def resolve_paths(r: Recipe, base: Path) -> None:
         s.cache_dir = _resolve(s.cache_dir, base)
     r.tokenizer.resolve_path(base)
     r.model.init_from = _resolve(r.model.init_from, base)
-    for tc in (r.train, r.sft.train):
+    for teacher in (r.distill, r.sft.distill):
+        teacher.teacher = _resolve(teacher.teacher, base)
+    r.dpo.reference = _resolve(r.dpo.reference, base)
+    if _is_local(r.dpo.data.source):
+        r.dpo.data.source = _resolve(r.dpo.data.source, base)
+    for tc in (r.train, r.distill.train, r.sft.train, r.dpo.train):
         tc.mc_eval = _resolve(tc.mc_eval, base)
     for s in (r.sft.data, *r.sft.data.mixture):
         if _is_local(s.source):
@@ -555,7 +661,7 @@ def resolve_paths(r: Recipe, base: Path) -> None:
 def resolve_seeds(r: Recipe) -> None:
     """One seed rule: a stage's own seed wins; otherwise the recipe's top-level `seed`. (Data
     selection is keyed by data.selection_key; the built-in SFT set and eval use the top-level seed.)"""
-    for tc in (r.train, r.sft.train):
+    for tc in (r.train, r.distill.train, r.sft.train, r.dpo.train):
         if tc.seed is None:
             tc.seed = r.seed
 
@@ -572,6 +678,11 @@ def validate_recipe(r: Recipe, recipe_file: str, check_files: bool = True) -> No
     r.train.validate(f, "train", check_files)
     r.sft.train.validate(f, "sft.train", check_files)
     r.sft.data.validate(f, check_files and r.sft.enabled)
+    r.sft.distill.validate(f, "sft.distill", check_files and r.sft.enabled)
+    r.distill.validate(f, "distill", check_files)
+    r.dpo.validate(f, "dpo", check_files)
+    _check(not (r.dpo.enabled and not r.sft.enabled), f, "dpo.enabled",
+           "is true but sft.enabled is false: DPO starts from the SFT model; enable SFT")
     _check(r.eval.max_new_tokens > 0, f, "eval.max_new_tokens", "must be positive")
 
 

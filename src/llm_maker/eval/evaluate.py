@@ -1,12 +1,13 @@
-"""The eval stage: pack/ + the base model (+ the SFT model) -> eval/{report.json, report.md}.
+"""The eval stage: pack/ + the base model (+ the SFT model, + the DPO model) -> eval/{report.json, report.md}.
 
 The models are those later stages take (layout.RunPaths.model): pretrain/final and sft/best by
-default (the recipe's sft.start_from and sft.use).
+default (the recipe's sft.start_from and sft.use). The base is the recipe's base stage's model
+(distill/'s when distillation is enabled); dpo/'s model, when there is one, is scored beside SFT's.
 
 What it measures, and why:
   validation        val loss / perplexity of each model on the packed val split, beside the
                     unigram baseline (a model that learned nothing but token frequencies)
-  stop_table        the same chat prompts answered greedily by the base and the SFT model:
+  stop_table        the same chat prompts answered greedily by the base, SFT (and DPO) models:
                     the text, whether it stopped on the template's stop token and after how
                     many tokens (the LLM Maker design doc: SFT teaches a model to answer *and stop*)
   exact_match       greedy answer == reference on held-out SFT conversations
@@ -40,7 +41,7 @@ from llm_maker.train.checkpoint import WEIGHTS, ModelMeta, load_model_dir
 from llm_maker.train.evaluation import mean_loss
 from llm_maker.train.loss import CausalLMLoss
 
-MODEL_NAMES = ("base", "sft")
+MODEL_NAMES = ("base", "sft", "dpo")  # report.json's models; dpo only when dpo/ holds a model
 HELDOUT_IN_STOP_TABLE = 3  # held-out prompts added to the recipe's in the stop table
 EXAMPLES_IN_REPORT = 5  # exact-match items shown with their answers
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40  # the sampled base completion
@@ -214,25 +215,36 @@ def has_model(model_dir: Path) -> bool:
 # The stage
 # --------------------------------------------------------------------------------------
 
+def later_stages(recipe: Recipe, paths: RunPaths) -> list[str]:
+    """The distill and dpo stages eval depends on: distill when it is the base, dpo when the
+    recipe enables it or dpo/ holds a model (which eval then scores)."""
+    return [stage for stage, used in (("distill", recipe.base_stage == "distill"),
+                                      ("dpo", recipe.dpo.enabled or has_model(paths.model("dpo")))) if used]
+
+
 def eval_fingerprint(recipe: Recipe, paths: RunPaths) -> str:
     """The eval config, the upstream stages and which of their models it scores (sft.use changes
-    no SFT weight, so it is not in the SFT fingerprint; final/ for both stays out, as before)."""
-    kept = {stage: paths.model(stage).name for stage in ("pretrain", "sft")}
+    no SFT weight, so it is not in the SFT fingerprint; final/ for all stays out, and so do the
+    distill and dpo stages of a run that has neither: its fingerprint is the one it had before)."""
+    later = later_stages(recipe, paths)
+    kept = {stage: paths.model(stage).name for stage in ("pretrain", "sft", *later)}
     return stage_fingerprint(recipe.eval, paths.pack, paths.pretrain, paths.sft,
+                             *(paths.stage_dir(stage) for stage in later),
                              extra=None if set(kept.values()) == {FINAL} else {"models": kept})
 
 
 def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
-    """Evaluate the run's base (and SFT) model; returns eval/ holding report.json and report.md."""
+    """Evaluate the run's base (and SFT, and DPO) model; returns eval/ holding report.json and report.md."""
     out = paths.eval
     fp = eval_fingerprint(recipe, paths)
     if not force and is_up_to_date(out, fp) and (out / REPORT_JSON).is_file():
         return out
     t0 = time.perf_counter()
     pack_manifest = require_manifest(paths.pack, "pack")
-    base_dir, sft_dir = paths.model("pretrain"), paths.model("sft")
+    base_stage = recipe.base_stage
+    base_dir, sft_dir, dpo_dir = paths.model(base_stage), paths.model("sft"), paths.model("dpo")
     if not has_model(base_dir):
-        raise LLMMakerError(f"{base_dir}: no finished base model; run the `pretrain` stage first")
+        raise LLMMakerError(f"{base_dir}: no finished base model; run the `{base_stage}` stage first")
     device = resolve_device(recipe.train.device)
     dtype = inference_dtype(recipe.eval.precision, device, "eval.precision")
     base, tokenizer, base_meta = load_model_dir(base_dir, device, dtype=dtype)
@@ -243,7 +255,14 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
     if has_model(sft_dir):
         sft, _, sft_meta = load_model_dir(sft_dir, device, expected_tokenizer_hash=tokenizer.hash, dtype=dtype)
     models = {"base": base, "sft": sft}
-    template = (sft_meta.chat_template if sft_meta else None) or recipe.sft.template
+    dirs = {"base": base_dir, "sft": sft_dir}
+    metas = {"base": base_meta, "sft": sft_meta}
+    if has_model(dpo_dir):  # a key only when there is a DPO model: a run without one reports as before
+        models["dpo"], _, metas["dpo"] = load_model_dir(dpo_dir, device, expected_tokenizer_hash=tokenizer.hash,
+                                                        dtype=dtype)
+        dirs["dpo"] = dpo_dir
+    chat_meta = sft_meta or metas.get("dpo")
+    template = (chat_meta.chat_template if chat_meta else None) or recipe.sft.template
     ec = recipe.eval
 
     val_tokens = load_split(paths.pack, "val")
@@ -262,8 +281,8 @@ def run_eval(recipe: Recipe, paths: RunPaths, force: bool = False) -> Path:
         "device": str(device),
         "precision": precision_name(dtype),
         "template": template,
-        "models": {"base": model_info(base_dir, base, base_meta),
-                   "sft": model_info(sft_dir, sft, sft_meta) if sft is not None else None},
+        "models": {name: model_info(dirs[name], m, metas[name]) if m is not None else None
+                   for name, m in models.items()},
         "validation": {"tokens_scored": block_len * n_blocks, "unigram_loss": unigram,
                        "unigram_perplexity": perplexity(unigram),
                        **{name: (None if loss is None else {"loss": loss, "perplexity": perplexity(loss)})

@@ -1,4 +1,5 @@
-"""report.json -> report.md: the eval's numbers as readable markdown tables.
+"""report.json -> report.md: the eval's numbers as readable markdown tables, one column or row per
+model scored (base, sft, and dpo when the run has a DPO model).
 
 `render_markdown` is a pure function of the report dict (the one `run_eval` builds), so the
 markdown can be regenerated from report.json alone.
@@ -13,6 +14,7 @@ from llm_maker.markdown import MISSING, cell, number, percent, table
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+MODEL_TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}  # the report's models, as headings name them
 
 
 def stop_cell(answer: Optional[dict[str, Any]]) -> str:
@@ -57,7 +59,8 @@ def _stop_section(report: dict[str, Any]) -> list[str]:
              f"{st['max_new_tokens']} new tokens). `eos@N`: ended the turn with `{st.get('stop_token', 'EOS')}` "
              "after N tokens; `doc-end@N`: halted on `<|endoftext|>` as if a document ended (a base "
              "model's habit, not a learned stop); `cut@N`: never stopped.")
-    return ["## Does it answer and stop? (base vs SFT)", "", intro, ""] + table(["prompt", "from"] + names, rows)
+    compared = " vs ".join(MODEL_TITLES.get(n, n) for n in report["models"])  # base vs SFT (vs DPO)
+    return [f"## Does it answer and stop? ({compared})", "", intro, ""] + table(["prompt", "from"] + names, rows)
 
 
 def _exact_match_section(report: dict[str, Any]) -> list[str]:

@@ -6,6 +6,8 @@ the same sections, each a pure function of what the run recorded:
 
     architecture_section(dims, parameters)   the shape, and why, where the dims decide it
     training_section(...)                    data, per-stage results, the model each stage kept, settings
+    later_stages_section(figures)            distillation's teacher, KL and CE; DPO's pairs, beta and
+                                             held-out preference accuracy (`stage_figures`)
     evaluation_section(report, lm_eval)      eval/report.json and eval/lm_eval/results.json
     samples_section(report)                  greedy answers from the eval report
     limitations(...)                         limits that follow from the run's numbers, then the general ones
@@ -21,15 +23,21 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from llm_maker.artifacts import as_float, read_json, read_manifest
+from llm_maker.artifacts import as_float, read_json, read_manifest, read_metrics
 from llm_maker.layout import BEST, FINAL, KEPT_MODELS, TRAIN_STAGES, RunPaths, run_dir_of
 from llm_maker.markdown import MISSING, cell, number, percent, table
 from llm_maker.model.llama import LlamaModel
-from llm_maker.recipe import SFTConfig, TrainConfig
+from llm_maker.recipe import DistillConfig, DPOConfig, SFTConfig, TrainConfig
 from llm_maker.train.checkpoint import ModelMeta
 from llm_maker.train.divergence import rollback_text
 
-DEFAULT_TRAIN = {"pretrain": dataclasses.asdict(TrainConfig()), "sft": dataclasses.asdict(SFTConfig().train)}
+DEFAULT_TRAIN = {"pretrain": dataclasses.asdict(TrainConfig()), "distill": dataclasses.asdict(DistillConfig().train),
+                 "sft": dataclasses.asdict(SFTConfig().train), "dpo": dataclasses.asdict(DPOConfig().train)}
+# Each training stage's settings table, and where the recipe keeps them
+SETTINGS_TITLE = {"pretrain": "Pretraining", "distill": "Distillation (KL to the teacher + cross-entropy)",
+                  "sft": "SFT (completion-only loss)", "dpo": "DPO (preference pairs against a frozen reference)"}
+CHAT_STAGES = ("sft", "dpo")  # their models answer in a chat template (ModelMeta.is_chat_model)
+MODEL_TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}  # eval/report.json's models
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal pretraining
 INTENDED_USE = (
     "A small research model trained from scratch. Intended uses: learning how language models are "
@@ -96,6 +104,104 @@ def kept_text(summary: dict[str, Any], kept: str = FINAL) -> Optional[str]:
     return f"final: step {summary.get('steps')}, {metric} {last}{early} (best: step {step}, {number(value)})"
 
 
+def stage_train_config(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A training stage's train config in a plain recipe dict: `train` for pretraining, else `<stage>.train`."""
+    return (recipe.get("train") if stage == "pretrain" else (recipe.get(stage) or {}).get("train")) or {}
+
+
+def last_value(rows: Sequence[dict[str, str]], column: str, step: Optional[int] = None) -> Optional[float]:
+    """A metrics.csv column's last number, or with `step` its last at or before that step."""
+    for r in reversed(rows):
+        value = as_float(r.get(column))
+        if value is not None and (step is None or int(r["step"]) <= step):
+            return value
+    return None
+
+
+def teacher_label(teacher_dir: Optional[str]) -> str:
+    """A teacher as a card names it: RUN/STAGE/MODEL for a run's model, else its folder's name."""
+    if not teacher_dir:
+        return MISSING
+    path = Path(teacher_dir)
+    run = run_dir_of(path)
+    return path.relative_to(run.parent).as_posix() if run is not None else path.name
+
+
+def preference_pairs(data: Any, split: str) -> Optional[int]:
+    """How many preference pairs the DPO manifest's `data` counts for `split` (train or heldout)."""
+    data = data or {}
+    entry = data.get(split) if isinstance(data, dict) else None
+    if isinstance(entry, dict):
+        entry = next((entry[k] for k in ("kept", "pairs", "n_pairs", "count") if k in entry), None)
+    if entry is None and isinstance(data, dict):
+        entry = data.get(f"{split}_pairs")
+    return entry if isinstance(entry, int) else None
+
+
+def stage_figures(stage: str, manifest: Optional[dict[str, Any]], metrics: Sequence[dict[str, str]],
+                  kept: str = FINAL) -> dict[str, Any]:
+    """The headline numbers of a distill or dpo stage, at the model it kept (best/: the step of its
+    best evaluation; final/: the last logged values), for the cards, the registry and the summary.
+
+        distill  teacher (the manifest's record: dir, hash, mode, k, temperature (or T), alpha), kl, ce, val_loss
+        dpo      beta, pairs, heldout_pairs, val_pref_acc, val_reward_margin, pref_acc, reward_margin, val_loss
+    """
+    manifest = manifest or {}
+    summary = manifest.get("summary") or {}
+    best = summary.get("best") or {}
+    step = best.get("step") if kept == BEST else None
+    at = lambda column: last_value(metrics, column, step)  # noqa: E731
+    kept_best = lambda metric: as_float(best.get("value")) if step is not None and best.get("metric") == metric \
+        else None  # noqa: E731
+    val_loss = kept_best("val_loss") or (at("val_loss") if step is not None else None) or \
+        as_float(summary.get("val_loss")) or at("val_loss")
+    if stage == "distill":
+        teacher = dict(manifest.get("teacher") or {})
+        teacher.setdefault("temperature", teacher.get("T"))  # the distill stage records it as T
+        return {"stage": stage, "teacher": teacher, "kl": at("kl"), "ce": at("ce"),
+                "val_loss": val_loss, "steps": step or summary.get("steps")}
+    if stage == "dpo":
+        return {"stage": stage, "beta": manifest.get("beta"), "pairs": preference_pairs(manifest.get("data"), "train"),
+                "heldout_pairs": preference_pairs(manifest.get("data"), "heldout"),
+                "val_pref_acc": kept_best("val_pref_acc") or at("val_pref_acc"),
+                "val_reward_margin": at("val_reward_margin"), "pref_acc": at("pref_acc"),
+                "reward_margin": at("reward_margin"), "val_loss": val_loss, "steps": step or summary.get("steps")}
+    raise ValueError(f"stage {stage!r} has no figures of its own (distill and dpo have)")
+
+
+def later_stages_section(figures: dict[str, dict[str, Any]]) -> list[str]:
+    """## Distillation and ## Preference tuning (DPO), from `stage_figures` of the stages that ran."""
+    lines = []
+    d = figures.get("distill")
+    if d:
+        t = d.get("teacher") or {}
+        rows = [["teacher", f"`{teacher_label(t.get('dir'))}`" + (f" (weights {str(t['hash'])[:12]})"
+                                                                  if t.get("hash") else "")],
+                ["teacher's distribution", f"{t.get('mode', MISSING)}" + (f", top {t['k']} log-probs per token"
+                                                                          if t.get("mode") == "cached" and t.get("k")
+                                                                          else "")],
+                ["loss", f"α·T²·KL(teacher ‖ student) + (1 − α)·CE, α {t.get('alpha', MISSING)}, "
+                         f"T {t.get('temperature', MISSING)}"],
+                ["final KL to the teacher", number(d.get("kl"))], ["final cross-entropy", number(d.get("ce"))],
+                ["validation loss", number(d.get("val_loss"))]]
+        lines += ["## Distillation", "", "The model learned from the packed text and from the teacher's next-token "
+                  "distribution (KL and CE in nats/token, at the model kept).", "", *table(["", "value"], rows)]
+    p = figures.get("dpo")
+    if p:
+        pairs = number(p.get("pairs")) + (f" (+ {number(p['heldout_pairs'])} held out)"
+                                          if p.get("heldout_pairs") is not None else "")
+        rows = [["preference pairs", pairs], ["β", p.get("beta", MISSING)],
+                ["held-out preference accuracy", percent(p.get("val_pref_acc"), 1)],
+                ["held-out reward margin", number(p.get("val_reward_margin"))],
+                ["train preference accuracy", percent(p.get("pref_acc"), 1)],
+                ["train reward margin", number(p.get("reward_margin"))]]
+        lines += ["## Preference tuning (DPO)", "", "Direct Preference Optimization of the SFT model: the chosen "
+                  "answer's log-probability ratio to the frozen reference must beat the rejected one's. Preference "
+                  "accuracy: the share of pairs where it does; reward margin: β times the gap, in nats.", "",
+                  *table(["", "value"], rows)]
+    return lines
+
+
 def training_section(recipe: Optional[dict[str, Any]], results: Sequence[dict[str, Any]], stages: Sequence[str],
                      seq_lens: dict[str, Optional[int]], imported_from: Optional[str] = None) -> list[str]:
     """`results`: each finished stage's manifest summary plus its "stage" and the model it "kept"
@@ -123,11 +229,10 @@ def training_section(recipe: Optional[dict[str, Any]], results: Sequence[dict[st
     rollbacks = [f"- {t['stage']} {rollback_text(e)}." for t in results for e in t.get("rollbacks") or []]
     if rollbacks:  # train/divergence.py: a divergence reloaded the last checkpoint and skipped its batches
         lines += ["Divergence:", "", *rollbacks, ""]
-    configs = {"pretrain": recipe.get("train"), "sft": (recipe.get("sft") or {}).get("train")}
     for stage in stages:
         if recipe:
-            train = {**DEFAULT_TRAIN[stage], **(configs[stage] or {})}  # a recipe.yaml may omit defaults
-            lines += [f"**{'Pretraining' if stage == 'pretrain' else 'SFT (completion-only loss)'}**", "",
+            train = {**DEFAULT_TRAIN[stage], **stage_train_config(recipe, stage)}  # a recipe.yaml may omit defaults
+            lines += [f"**{SETTINGS_TITLE[stage]}**", "",
                       *table(["setting", "value"], recipe_rows(train, seq_lens.get(stage)))]
     if not results and not (recipe and stages):
         lines += ["No training record found beside this model.", ""]
@@ -142,7 +247,7 @@ def evaluation_section(report: Optional[dict[str, Any]], lm_eval: Optional[dict[
     report = report or {}
     v = report.get("validation") or {}
     rows = [[name, number(v[name]["loss"]), number(v[name]["perplexity"], 1)]
-            for name in ("base", "sft") if v.get(name)]
+            for name in ("base", "sft", "dpo") if v.get(name)]
     if v.get("unigram_loss") is not None:
         rows.append(["unigram baseline", number(v["unigram_loss"]), number(v["unigram_perplexity"], 1)])
     if rows:
@@ -154,7 +259,7 @@ def evaluation_section(report: Optional[dict[str, Any]], lm_eval: Optional[dict[
     score_rows = [[name, percent(stops.get(name)),
                    f"{percent(accuracy[name], 1)} of {em.get('n_items')}"
                    if accuracy.get(name) is not None else MISSING]
-                  for name in ("base", "sft") if name in stops or name in accuracy]
+                  for name in ("base", "sft", "dpo") if name in stops or name in accuracy]
     if score_rows:
         lines += ["Chat behaviour (greedy): does it stop on the template's end token, and is the answer exactly "
                   "the held-out reference?", "", *table(["model", "stops", "exact match"], score_rows)]
@@ -174,10 +279,11 @@ def samples_section(report: Optional[dict[str, Any]]) -> list[str]:
     rows = ((report or {}).get("stop_table") or {}).get("rows") or []
     if rows and rows[0].get("sft"):
         tag = lambda a: f"eos@{a['n_tokens']}" if a["stopped"] else "no stop"  # noqa: E731
-        lines += ["Base vs SFT, the same chat prompts (greedy):", "",
-                  *table(["prompt", "base", "SFT"], [[cell(r["prompt"], 50),
-                                                      f"{tag(r['base'])} {cell(r['base']['text'], 60)}",
-                                                      f"{tag(r['sft'])} {cell(r['sft']['text'], 60)}"] for r in rows])]
+        names = ["base", "sft"] + (["dpo"] if rows[0].get("dpo") else [])
+        lines += [f"Base vs {' vs '.join(MODEL_TITLES[n] for n in names[1:])}, the same chat prompts (greedy):", "",
+                  *table(["prompt", *(MODEL_TITLES[n] for n in names)],
+                         [[cell(r["prompt"], 50), *(f"{tag(r[n])} {cell(r[n]['text'], 60)}" for n in names)]
+                          for r in rows])]
     if len(lines) == 2:
         lines += ["No samples yet (they come with `llm-maker eval RECIPE`).", ""]
     return lines
@@ -209,6 +315,13 @@ def limitations(parameters: Optional[int], tokens: Optional[int], report: Option
 # The export's README.md
 # --------------------------------------------------------------------------------------
 
+def stages_behind(meta: ModelMeta) -> tuple[str, ...]:
+    """The training stages that may have made this model, in order, its own last (a stage that
+    did not run has no manifest and is passed over): a DPO model's are pretrain, distill, sft, dpo."""
+    own = meta.stage if meta.stage in TRAIN_STAGES else ("sft" if meta.is_chat_model else "pretrain")
+    return TRAIN_STAGES[: TRAIN_STAGES.index(own) + 1]
+
+
 def card_facts(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> dict[str, Any]:
     """Everything the card shows, read from the model dir and (when there is one) its run."""
     run = run_dir_of(Path(model_dir).resolve())
@@ -221,7 +334,8 @@ def card_facts(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> dict[str,
     recipe_file = run / "recipe.yaml"
     facts["recipe"] = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else None
     own = Path(model_dir).resolve()
-    for stage in TRAIN_STAGES[: 2 if meta.is_chat_model else 1]:
+    facts["figures"] = {}
+    for stage in stages_behind(meta):
         m = read_manifest(run / stage)
         if m and m.get("summary"):
             # this model's own directory (an export may name final/ or best/), else what the run's stages take
@@ -229,6 +343,8 @@ def card_facts(model_dir: Path, model: LlamaModel, meta: ModelMeta) -> dict[str,
                 RunPaths.of(run).model(stage).name
             facts["training"].append({"stage": stage, **m["summary"], "batch_seq_len": m.get("batch_seq_len"),
                                       "kept": kept})
+            if stage in ("distill", "dpo"):
+                facts["figures"][stage] = stage_figures(stage, m, read_metrics(run / stage), kept)
     facts["report"] = read_json(run / "eval" / "report.json")
     facts["lm_eval"] = read_json(run / "eval" / "lm_eval" / "results.json")
     return facts
@@ -250,25 +366,52 @@ def _usage(f: dict[str, Any]) -> list[str]:
     return ["## Use", "", template, ""] + code
 
 
+def teacher_of(f: dict[str, Any]) -> str:
+    """The teacher a distilled model learned from: the distill manifest's record, else the recipe's."""
+    recorded = ((f.get("figures") or {}).get("distill") or {}).get("teacher") or {}
+    return teacher_label(recorded.get("dir") or ((f.get("recipe") or {}).get("distill") or {}).get("teacher"))
+
+
+def model_kind(f: dict[str, Any]) -> str:
+    """What the model is, by the stage that made it: "instruction-tuned (SFT)", "preference-tuned
+    (DPO)", "distilled from `RUN/pretrain/final`", "pretrained"."""
+    stage = f.get("stage")
+    if stage == "dpo":
+        return "instruction-tuned (SFT), then preference-tuned (DPO)"
+    if stage == "sft" or (stage is None and f.get("chat_template")):
+        return "instruction-tuned (SFT)"
+    if stage == "distill":
+        return f"distilled from `{teacher_of(f)}`"
+    return "pretrained"
+
+
 def render_card(f: dict[str, Any]) -> str:
     """README.md for the export: Hugging Face front matter, then the sections."""
+    stage = f.get("stage")
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "language": ["en"],
-             "tags": ["llm-maker", "llama", "from-scratch"] + (["chat"] if f.get("chat_template") else [])}
-    kind = "instruction-tuned (SFT)" if f.get("stage") == "sft" else "base (pretrained)"
+             "tags": ["llm-maker", "llama", "from-scratch"] + (["distillation"] if stage == "distill" else [])
+             + (["dpo"] if stage == "dpo" else []) + (["chat"] if f.get("chat_template") else [])}
+    kind = model_kind(f)
+    kind = kind if f.get("chat_template") or stage in CHAT_STAGES else f"base ({kind})"
     config, training = f["config"], f.get("training") or []
     seq_lens = {t["stage"]: t.get("batch_seq_len") or config["seq_len"] for t in training}
-    pretrain = next((t for t in training if t["stage"] == "pretrain"), {})
+    # what the base model read: pretraining's tokens, and distillation's
+    base_tokens = sum(t.get("tokens_seen") or 0 for t in training if t["stage"] in ("pretrain", "distill")) or None
+    figures = f.get("figures") or {}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {f['name']}", "",
              f"A {number(f['parameters'])}-parameter Llama-style decoder, {kind}, built with llm-maker. "
-             "It loads as `LlamaForCausalLM` without `trust_remote_code`.", ""]
+             "It loads as `LlamaForCausalLM` without `trust_remote_code`."
+             + (f" Its base model was distilled from `{teacher_of(f)}`." if "distill" in figures and stage != "distill"
+                else ""), ""]
     lines += _usage(f)
     lines += architecture_section(config, f["parameters"])
     lines += training_section(f.get("recipe"), training, [t["stage"] for t in training], seq_lens,
                               f.get("imported_from"))
+    lines += later_stages_section(figures)
     lines += evaluation_section(f.get("report"), f.get("lm_eval"))
     lines += samples_section(f.get("report"))
     lines += ["## Intended use and limits", "", INTENDED_USE, "",
-              *limitations(f["parameters"], pretrain.get("tokens_seen"), f.get("report"), config["seq_len"])]
+              *limitations(f["parameters"], base_tokens, f.get("report"), config["seq_len"])]
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llm_maker.errors import LLMMakerError
-from llm_maker.layout import WEIGHTS, RunPaths, run_dir_of
+from llm_maker.layout import TRAIN_STAGES, WEIGHTS, RunPaths, run_dir_of
 
 DEFAULT_LICENSE = "apache-2.0"  # our code's licence; the weights' licence is the publisher's call (--license)
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -61,15 +61,19 @@ def check_repo_id(repo: str) -> str:
 # --------------------------------------------------------------------------------------
 
 def hub_datasets(recipe: Optional[dict[str, Any]], stage: Optional[str]) -> list[str]:
-    """Hub dataset ids the model was trained on: fineweb-edu sources, and for an SFT model its
-    `hf:owner/name` instruction sets. Local files and the builtin corpus have no Hub id."""
+    """Hub dataset ids the model was trained on: fineweb-edu sources, for an SFT (or DPO) model its
+    `hf:owner/name` instruction sets, and for a DPO model its preference set. Local files and the
+    builtin corpus have no Hub id."""
     recipe = recipe or {}
     out = [s.get("repo_id") or "HuggingFaceFW/fineweb-edu"
            for s in (recipe.get("data") or {}).get("sources") or [] if s.get("type") == "fineweb-edu"]
-    if stage == "sft":
+    sources = []
+    if stage in ("sft", "dpo"):
         sft_data = (recipe.get("sft") or {}).get("data") or {}
-        sources = [m.get("source", "") for m in sft_data.get("mixture") or []] or [sft_data.get("source", "")]
-        out += [s[3:].split(":")[0] for s in sources if str(s).startswith("hf:")]
+        sources += [m.get("source", "") for m in sft_data.get("mixture") or []] or [sft_data.get("source", "")]
+    if stage == "dpo":
+        sources.append(((recipe.get("dpo") or {}).get("data") or {}).get("source", ""))
+    out += [s[3:].split(":")[0] for s in sources if str(s).startswith("hf:")]
     return list(dict.fromkeys(out))
 
 
@@ -81,7 +85,7 @@ def hub_id_of_path(path: Optional[str]) -> Optional[str]:
 
 def eval_results(report: Optional[dict[str, Any]], lm_eval: Optional[dict[str, Any]], which: str, label: str,
                  dataset: str) -> list:
-    """EvalResults for the model-index: validation loss and perplexity of `which` (base or sft) from
+    """EvalResults for the model-index: validation loss and perplexity of `which` (base, sft or dpo) from
     eval/report.json, and lm-eval's headline numbers for the model labelled `label`."""
     from huggingface_hub import EvalResult
 
@@ -113,8 +117,10 @@ def card_data(facts: dict[str, Any], repo_id: str, license: str, base_model: Opt
     datasets = hub_datasets(facts.get("recipe"), stage)
     imported = bool(facts.get("imported_from"))
     tags = ["llm-maker", "llama", "text-generation"] + ([] if imported else ["from-scratch"]) \
-        + (["sft", "chat"] if facts.get("chat_template") else []) + (["gguf"] if gguf else [])
-    which = "sft" if stage == "sft" else "base"
+        + (["distillation"] if stage == "distill" else []) \
+        + (["sft", "chat"] if facts.get("chat_template") else []) + (["dpo"] if stage == "dpo" else []) \
+        + (["gguf"] if gguf else [])
+    which = stage if stage in ("sft", "dpo") else "base"  # eval/report.json's names
     results = eval_results(facts.get("report"), facts.get("lm_eval"), which, label,
                            datasets[0] if datasets else "held-out")
     return ModelCardData(
@@ -148,6 +154,7 @@ class Staged:
     files: dict[str, Path] = field(default_factory=dict)  # path in the repository -> local file
     card: str = ""
     header: str = ""  # the card's YAML header (without the --- lines)
+    kind: str = ""  # what the model is: "a chat model (chatml template), ..." or "a base model, pretrained"
 
     def operations(self) -> list:
         """One CommitOperationAdd per file, in a stable order."""
@@ -159,17 +166,22 @@ class Staged:
 
 def base_model_of(model_dir: Path, meta, explicit: Optional[str]) -> Optional[str]:
     """The Hub's base_model: --base-model, else the Hub id an imported model came from (its own
-    record, or for an SFT model, its run's pretrained model's)."""
+    record, or for an SFT or DPO model, the one it was tuned from's, back to its run's base model)."""
     if explicit:
         return check_repo_id(explicit)
     found = hub_id_of_path(meta.imported_from)
     run = run_dir_of(Path(model_dir).resolve())
-    if found is None and meta.stage == "sft":
+    if found is None and meta.stage in ("sft", "dpo"):
         from llm_maker.train.checkpoint import read_model_config
 
-        base = Path(meta.base_model) if meta.base_model else RunPaths.of(run).model("pretrain") if run else None
-        if base is not None and (base / "config.json").is_file():
-            found = hub_id_of_path(read_model_config(base).get("imported_from"))
+        paths = RunPaths.of(run) if run else None
+        start = meta.base_model or (paths.model("sft" if meta.stage == "dpo" else paths.base_stage()) if paths
+                                    else None)
+        base, seen = Path(start) if start else None, 0
+        while found is None and base is not None and (base / "config.json").is_file() and seen < len(TRAIN_STAGES):
+            config = read_model_config(base)  # a DPO model's base_model is the SFT model: follow it down
+            found, seen = hub_id_of_path(config.get("imported_from")), seen + 1
+            base = Path(config["base_model"]) if config.get("base_model") else None
     return found
 
 
@@ -178,22 +190,20 @@ def plot_files(run: Optional[Path], out_dir: Path) -> list[Path]:
     if run is None:
         return []
     from llm_maker.artifacts import as_float
-    from llm_maker.registry.plots import write_plots
+    from llm_maker.registry.plots import eval_steps, write_plots
     from llm_maker.registry.registry import read_recipe
 
     recipe = read_recipe(RunPaths.of(run))
-    train, sft_train = recipe.get("train") or {}, (recipe.get("sft") or {}).get("train") or {}
-    clip = as_float(train.get("grad_clip"))
-    eval_every = {"pretrain": int(train.get("eval_every", 50)), "sft": int(sft_train.get("eval_every", 50))}
-    made = write_plots(run, out_dir, grad_clip=clip if clip is not None else 1.0, eval_every=eval_every)
-    return list(made.values())  # loss, lr, grad_norm, token_accuracy: the card's order
+    clip = as_float((recipe.get("train") or {}).get("grad_clip"))
+    made = write_plots(run, out_dir, grad_clip=clip if clip is not None else 1.0, eval_every=eval_steps(recipe))
+    return list(made.values())  # loss, lr, grad_norm, token_accuracy, then the later stages': the card's order
 
 
 def stage_push(model_dir: str | Path, repo_id: str, work: str | Path, license: str = DEFAULT_LICENSE,
                gguf: bool = False, base_model: Optional[str] = None) -> Staged:
     """Export `model_dir` under `work` and gather what the commit uploads."""
     from llm_maker.eval.lm_eval_suite import model_label
-    from llm_maker.export.card import card_facts, render_card
+    from llm_maker.export.card import card_facts, model_kind, render_card
     from llm_maker.export.hf import export_hf
     from llm_maker.train.checkpoint import load_model_dir
 
@@ -202,7 +212,8 @@ def stage_push(model_dir: str | Path, repo_id: str, work: str | Path, license: s
     facts = card_facts(model_dir, model, meta)
     del model
     data = card_data(facts, repo_id, license, base_model_of(model_dir, meta, base_model), gguf, model_label(model_dir))
-    staged = Staged(repo_id, header=data.to_yaml())
+    chat = f"a chat model ({facts['chat_template']} template)" if facts.get("chat_template") else "a base model"
+    staged = Staged(repo_id, header=data.to_yaml(), kind=f"{chat}, {model_kind(facts)}")
     plots = plot_files(run_dir_of(model_dir.resolve()), work / "plots")
     gguf_name = f"{repo_id.split('/')[1]}-f16.gguf" if gguf else None
     staged.card = hub_card(render_card(facts), data, [f"plots/{p.name}" for p in plots], gguf_name)
@@ -234,6 +245,8 @@ def dry_run_text(staged: Staged, message: str, private: bool) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"dry run: would commit {len(rows)} files to {staged.repo_id} "
              f"({'private' if private else 'public'} if created), message {message!r}:", ""]
+    if staged.kind:
+        lines[1:1] = [f"the model: {staged.kind}"]
     lines += [f"  {name:<{width}}  {human_size(size):>10}" for name, size in rows]
     lines += [f"  {'total':<{width}}  {human_size(sum(s for _, s in rows)):>10}", "", "README.md header:", "---",
               staged.header.rstrip(), "---"]

@@ -5,16 +5,27 @@ panel per training stage:
     lr.png              the learning-rate schedule (warmup, cosine decay)
     grad_norm.png       the global gradient norm before clipping (the clip level dashed)
     token_accuracy.png  SFT: next-token accuracy on the held-out responses (val_token_acc)
+    distill_kl_ce.png   distillation: the KL to the teacher and the cross-entropy, the loss's two parts
+    reward_margin.png   DPO: the reward margin (chosen minus rejected, in nats), train and held out
+    preference_accuracy.png  DPO: the share of pairs whose chosen answer wins, train and held out
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from llm_maker.artifacts import as_float, atomic_path, read_metrics
 from llm_maker.layout import TRAIN_STAGES
 
-STAGE_TITLES = {"pretrain": "pretraining", "sft": "SFT"}
+STAGE_TITLES = {"pretrain": "pretraining", "distill": "distillation", "sft": "SFT", "dpo": "DPO"}
+DEFAULT_EVAL_EVERY = 50  # TrainConfig.eval_every
+
+
+def eval_steps(recipe: dict[str, Any]) -> dict[str, int]:
+    """{stage: steps between validations} of each training stage, from a plain recipe dict."""
+    configs = {stage: (recipe.get("train") if stage == "pretrain" else (recipe.get(stage) or {}).get("train")) or {}
+               for stage in TRAIN_STAGES}
+    return {stage: int(c.get("eval_every", DEFAULT_EVAL_EVERY)) for stage, c in configs.items()}
 
 
 def series(rows: list[dict[str, str]], column: str, every: Optional[int] = None) -> tuple[list[int], list[float]]:
@@ -92,5 +103,15 @@ def write_plots(run_dir: str | Path, out_dir: str | Path, grad_clip: Optional[fl
         "token_accuracy": plot_metric({s: r for s, r in stages.items() if s == "sft"},
                                       [("val_token_acc", "held-out token accuracy")], "token accuracy",
                                       out_dir / "token_accuracy.png", eval_every=eval_every),
+        "distill_kl_ce": plot_metric({s: r for s, r in stages.items() if s == "distill"},
+                                     [("kl", "KL to the teacher"), ("ce", "cross-entropy")], "nats/token",
+                                     out_dir / "distill_kl_ce.png"),
+        "reward_margin": plot_metric({s: r for s, r in stages.items() if s == "dpo"},
+                                     [("reward_margin", "train"), ("val_reward_margin", "held out")],
+                                     "reward margin (nats)", out_dir / "reward_margin.png", eval_every=eval_every),
+        "preference_accuracy": plot_metric({s: r for s, r in stages.items() if s == "dpo"},
+                                           [("pref_acc", "train"), ("val_pref_acc", "held out")],
+                                           "preference accuracy", out_dir / "preference_accuracy.png",
+                                           eval_every=eval_every),
     }
     return {k: v for k, v in made.items() if v is not None}

@@ -9,8 +9,11 @@ A run is any folder holding a run's stage directories. Its status comes from wha
            next stage simply not started
   failed   the loss became NaN/inf, or a training stage died before its first checkpoint
            (metrics or a partial `.tmp-*` directory, nothing to resume)
-One row per model: the base model, then its SFT model, each the directory later stages take
-(final/ or best/: layout.RunPaths.model) with the step kept and why. `write_card` writes one
+The optional stages are those the recipe enables (distill and dpo only with `enabled: true`;
+pretraining is skipped when distillation trains the model from scratch).
+One row per model: the base model (pretrained, or distilled from a teacher: its final KL and CE),
+then its SFT model, then its DPO model (held-out preference accuracy and reward margin), each the
+directory later stages take (final/ or best/: layout.RunPaths.model) with the step kept and why. `write_card` writes one
 run's card.md (card.py renders it) and training curves (plots.py).
 """
 from __future__ import annotations
@@ -25,18 +28,21 @@ import yaml
 
 from llm_maker.artifacts import as_float, atomic_write_text, read_json, read_manifest, read_metrics
 from llm_maker.errors import LLMMakerError
-from llm_maker.export.card import kept_text
+from llm_maker.export.card import kept_text, stage_figures, stage_train_config, teacher_label
 from llm_maker.layout import BEST, FINAL, STAGES, TRAIN_STAGES, RunPaths
 from llm_maker.markdown import GENERATED_MARK, check_generated, count, number, percent, table
 from llm_maker.model.llama import LlamaConfig, count_parameters
 from llm_maker.registry.card import CARD_FILE, PLOTS_DIR, card_markdown
-from llm_maker.registry.plots import write_plots
-from llm_maker.registry.records import STATUS_ICON, ModelRow, RunRecord
+from llm_maker.registry.plots import eval_steps, write_plots
+from llm_maker.registry.records import STATUS_ICON, ModelRow, RunRecord, stage_enabled
 from llm_maker.train.checkpoint import latest_checkpoint, list_checkpoints
 
 REGISTRY_FILE = "REGISTRY.md"
 RUNNING_WINDOW_S = 300.0  # a stage that wrote something more recently than this is running
 NONE = "-"  # an empty cell of REGISTRY.md
+# REGISTRY.md's name of each stage's model ("" : the run's name alone), and what its loss is measured on
+ROW_LABEL = {"pretrain": "", "distill": "distilled", "sft": "SFT", "dpo": "DPO"}
+LOSS_LABEL = {"pretrain": "val", "distill": "val", "sft": "resp.", "dpo": "resp."}
 
 
 # --------------------------------------------------------------------------------------
@@ -55,9 +61,12 @@ def read_recipe(paths: RunPaths) -> dict[str, Any]:
 
 
 def expected_stages(recipe: dict[str, Any]) -> list[str]:
-    """The stages the recipe asks for (an optional stage can be switched off with `enabled: false`)."""
-    enabled = lambda key: (recipe.get(key) or {}).get("enabled", True) is not False  # noqa: E731
-    return [s.name for s in STAGES if not s.optional or enabled(s.name)]
+    """The stages the recipe asks for: an optional stage when it is enabled, and pretraining unless
+    distillation trains the model from scratch in its place (pipeline.py's rule)."""
+    distill = recipe.get("distill") or {}
+    from_scratch = stage_enabled(recipe, "distill") and distill.get("student", "scratch") == "scratch"
+    return [s.name for s in STAGES if (not s.optional or stage_enabled(recipe, s.name))
+            and not (s.name == "pretrain" and from_scratch)]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -121,8 +130,7 @@ def stage_progress(stage_dir: Path, recipe: dict[str, Any], stage: str) -> str:
     rows = read_metrics(stage_dir)
     if stage not in TRAIN_STAGES or not rows:
         return ""
-    train = (recipe.get("sft") or {}).get("train") if stage == "sft" else recipe.get("train")
-    total = (train or {}).get("max_steps")
+    total = stage_train_config(recipe, stage).get("max_steps")
     return f" step {rows[-1]['step']}" + (f"/{total}" if total else "")
 
 
@@ -159,14 +167,24 @@ def lm_eval_scores(run: Path, model_dir: Path) -> list[str]:
     return out
 
 
+def report_name(paths: RunPaths, report: dict[str, Any], stage: str) -> Optional[str]:
+    """The eval report's name of a stage's model: sft, dpo, or base for the stage eval scored as
+    the base (the stage its report records; else the run's base stage); None: not scored."""
+    if stage in ("sft", "dpo"):
+        return stage
+    base = (report.get("models") or {}).get("base") or {}
+    scored = base.get("stage") if base.get("stage") in TRAIN_STAGES else paths.base_stage()
+    return "base" if stage == scored else None
+
+
 def model_rows(paths: RunPaths, name: str, status: str) -> list[ModelRow]:
-    """The base and SFT rows of one run (a stage with nothing trained has no row)."""
+    """The base, distilled, SFT and DPO rows of one run (a stage with nothing trained has no row)."""
     report = read_json(paths.eval / "report.json") or {}
     validation = report.get("validation") or {}
     em = (report.get("exact_match") or {}).get("accuracy") or {}
     stops = (report.get("stop_table") or {}).get("stop_fraction") or {}
     rows = []
-    for stage, key in (("pretrain", "base"), ("sft", "sft")):
+    for stage in TRAIN_STAGES:
         stage_dir = paths.stage_dir(stage)
         manifest = read_manifest(stage_dir) or {}
         metrics = read_metrics(stage_dir)
@@ -174,33 +192,40 @@ def model_rows(paths: RunPaths, name: str, status: str) -> list[ModelRow]:
             continue
         summary = manifest.get("summary") or {}
         kept_model = paths.model(stage).name
+        key = report_name(paths, report, stage)
         dims = manifest.get("model") or model_config(stage_dir)
         tokens = summary.get("tokens_seen") or (int(metrics[-1]["tokens"]) if metrics else None)
         val_losses = [v for v in (as_float(r.get("val_loss")) for r in metrics) if v is not None]
-        if stage == "pretrain":
-            loss = (validation.get("base") or {}).get("loss") or summary.get("val_loss") or \
-                (val_losses[-1] if val_losses else None)
-            label = "val"
-        else:
-            loss, label = summary.get("val_loss") or (val_losses[-1] if val_losses else None), "resp."
-            best = summary.get("best") or {}
-            if kept_model == BEST and best.get("metric") == "val_loss":  # the kept model's held-out loss
-                loss = best.get("value")
-        scores = []
+        loss = summary.get("val_loss") or (val_losses[-1] if val_losses else None)
+        if key == "base":  # eval's score on the packed val split
+            loss = (validation.get("base") or {}).get("loss") or loss
+        best = summary.get("best") or {}
+        if stage in ("sft", "dpo") and kept_model == BEST and best.get("metric") == "val_loss":
+            loss = best.get("value")  # the kept model's held-out loss
+        scores, note = [], ""
         if key in em:
             scores.append(f"EM {percent(em[key])}")
         if key in stops:
             scores.append(f"stops {percent(stops[key])}")
-        scores += lm_eval_scores(paths.root, paths.model(stage))
-        row_status = "done" if manifest else status
-        note = ""
+        if stage == "distill":
+            fig = stage_figures(stage, manifest, metrics, kept_model)
+            scores += [f"KL {number(fig['kl'])}"] * (fig["kl"] is not None) + \
+                [f"CE {number(fig['ce'])}"] * (fig["ce"] is not None)
+            teacher = fig["teacher"].get("dir")
+            note = f"distilled from {teacher_label(teacher)}" if teacher else ""
+        if stage == "dpo":
+            fig = stage_figures(stage, manifest, metrics, kept_model)
+            scores += [f"pref acc {percent(fig['val_pref_acc'])}"] * (fig["val_pref_acc"] is not None) + \
+                [f"margin {number(fig['val_reward_margin'])}"] * (fig["val_reward_margin"] is not None)
+            note = f"{fig['pairs']:,} preference pairs" if fig["pairs"] else ""
         if stage == "sft":
             kept = ((manifest.get("data") or {}).get("train") or {}).get("kept")
             note = f"{kept:,} SFT conversations" if kept else ""
+        scores += lm_eval_scores(paths.root, paths.model(stage))
         rows.append(ModelRow(run=name, stage=stage, parameters=manifest.get("parameters") or parameters_of(dims),
-                             vocab=(dims or {}).get("vocab_size"), tokens=tokens, val_loss=loss, val_label=label,
-                             scores=scores, status=row_status, note=note, kept=kept_model,
-                             kept_note=kept_text(summary, kept_model) or ""))
+                             vocab=(dims or {}).get("vocab_size"), tokens=tokens, val_loss=loss,
+                             val_label=LOSS_LABEL[stage], scores=scores, status="done" if manifest else status,
+                             note=note, kept=kept_model, kept_note=kept_text(summary, kept_model) or ""))
     return rows
 
 
@@ -240,11 +265,13 @@ def registry_markdown(runs: list[RunRecord], runs_dir: Path, out_dir: Optional[P
     lines = [GENERATED_MARK, "", f"# Model registry: `{runs_dir}`", "",
              f"{len(runs)} run(s), {sum(len(r.models) for r in runs)} model(s). Loss in nats/token, "
              "perplexity in brackets: comparable only between models with the same tokenizer. `val`: "
-             "the pretraining validation split; `resp.`: held-out SFT responses.", ""]
+             "the pretraining validation split; `resp.`: held-out SFT (DPO: chosen) responses. KL, CE: a "
+             "distilled model's last KL to its teacher and cross-entropy; pref acc, margin: a DPO model's "
+             "held-out preference accuracy and reward margin.", ""]
     rows = []
     for run in runs:
         for m in run.models:
-            label = m.run if m.stage == "pretrain" else f"{m.run} (SFT)"
+            label = f"{m.run} ({ROW_LABEL[m.stage]})" if ROW_LABEL[m.stage] else m.run
             tokens = count(m.tokens, NONE) + (f", {m.note}" if m.note else "")
             card = Path(os.path.relpath(run.path / CARD_FILE, out_dir or runs_dir)).as_posix()
             loss = fmt_loss(m.val_loss, m.val_label) + (f" · {m.kept_note}" if m.kept_note else "")
@@ -271,11 +298,9 @@ def write_card(run_dir: str | Path, force: bool = False, record: Optional[RunRec
         manifest, metrics = read_manifest(paths.stage_dir(stage)), read_metrics(paths.stage_dir(stage))
         if manifest or metrics:
             stages[stage] = {"manifest": manifest, "metrics": metrics, "dims": model_config(paths.stage_dir(stage))}
-    train, sft_train = record.recipe.get("train") or {}, (record.recipe.get("sft") or {}).get("train") or {}
-    clip = as_float(train.get("grad_clip"))
-    eval_every = {"pretrain": train.get("eval_every", 50), "sft": sft_train.get("eval_every", 50)}
+    clip = as_float((record.recipe.get("train") or {}).get("grad_clip"))
     made = write_plots(run_dir, run_dir / PLOTS_DIR, grad_clip=clip if clip is not None else 1.0,
-                       eval_every={k: int(v) for k, v in eval_every.items()})
+                       eval_every=eval_steps(record.recipe))
     plots = {name: os.path.relpath(path, run_dir) for name, path in made.items()}
     text = card_markdown(record, read_json(paths.eval / "report.json"),
                          read_json(paths.eval / "lm_eval" / "results.json"), plots, stages)

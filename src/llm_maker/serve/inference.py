@@ -17,6 +17,7 @@ save. Everything that writes weights loads the model directory afresh.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -29,10 +30,26 @@ from llm_maker.train.checkpoint import ModelMeta, load_model_dir
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's packed bf16 linear: bf16 on a CPU, in PyTorch builds that have it (oneDNN picks
-    the instructions: AMX tiles where the CPU has them)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """oneDNN's packed bf16 linear: bf16 on a CPU, in PyTorch builds that have it, on a processor
+    that it runs on (oneDNN picks the instructions: AMX tiles where the CPU has them; it refuses a
+    CPU without AVX-512 or AVX-NE-CONVERT, e.g. an AVX2-only one)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _cpu_packs_bf16()
+
+
+def _reorder_linear_weight(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
+
+
+@functools.cache
+def _cpu_packs_bf16() -> bool:
+    """Whether oneDNN packs a bf16 weight on this CPU: tried once on a tiny one."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        _reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:  # "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -41,7 +58,7 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)  # laid out for M=1
+        packed = _reorder_linear_weight(weight.detach().contiguous(), 1)  # laid out for M=1
         self.register_buffer("packed_weight", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

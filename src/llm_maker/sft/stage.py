@@ -1,4 +1,5 @@
-"""The SFT stage: pretrain/final (or best/) + tokenizer/ -> sft/{data,checkpoints,final,best,metrics.csv}.
+"""The SFT stage: pretrain/final (or best/; distill/'s when the recipe enables distillation) + tokenizer/
+-> sft/{data,checkpoints,final,best,metrics.csv}.
 
     sft/data/train.jsonl, heldout.jsonl   the conversations used, one {"messages": ...} per line
     sft/final/                            the tuned model at its last step, plus tokenizer_config.json (chat template)
@@ -25,6 +26,8 @@ from llm_maker.artifacts import (
     write_manifest,
 )
 from llm_maker.devices import resolve_device
+from llm_maker.distill.loss import DistillLoss
+from llm_maker.distill.teacher import OnlineTeacherBatches, check_teacher, load_teacher, teacher_identity
 from llm_maker.errors import CheckpointError, DataError
 from llm_maker.layout import BEST, FINAL, WEIGHTS, RunPaths
 from llm_maker.recipe import Recipe, SFTConfig
@@ -35,7 +38,7 @@ from llm_maker.stopping import StageStopped
 from llm_maker.tokenizer.tokenizer import Tokenizer
 from llm_maker.train import trainer
 from llm_maker.train.checkpoint import ModelMeta, latest_checkpoint, load_model_dir, prepare_stage_dir
-from llm_maker.train.distributed import init_distributed
+from llm_maker.train.distributed import init_distributed, local_device
 from llm_maker.train.evaluation import token_accuracy
 from llm_maker.train.stage import multiple_choice_evaluations
 from llm_maker.train.trainer import Evaluation
@@ -57,7 +60,12 @@ def sft_inputs(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     del config["use"]
     if recipe.sft.start_from == FINAL:  # as before the key existed: those runs keep their fingerprint
         del config["start_from"]
-    inputs = fingerprint_inputs(config, paths.pretrain, paths.tokenizer,
+    if recipe.sft.distill.teacher is None:  # no teacher: as before the key existed
+        del config["distill"]
+    else:  # the teacher by its identity (weights, shape, tokenizer), not by its path
+        teacher = teacher_identity(recipe.sft.distill.teacher)
+        config["distill"]["teacher"] = {"hash": teacher["hash"], "tokenizer_hash": teacher["tokenizer_hash"]}
+    inputs = fingerprint_inputs(config, paths.stage_dir(recipe.base_stage), paths.tokenizer,
                                 extra={"data": data_sig, "selection_key": recipe.data.selection_key})
     return {**inputs, "settings": fingerprint_inputs(recipe.sft.train)["config"]}
 
@@ -76,13 +84,17 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def base_model_dir(recipe: Recipe, paths: RunPaths) -> Path:
-    """The pretraining model SFT starts from (`sft.start_from`): pretrain/final, or pretrain/best."""
+    """The pretrained model SFT starts from (`sft.start_from`): final/ or best/ of pretrain (or of
+    distill, when the recipe enables it: Recipe.base_stage)."""
+    stage = recipe.base_stage
     if recipe.sft.start_from == FINAL:
-        return paths.final("pretrain")
-    best = paths.best("pretrain")
+        return paths.final(stage)
+    best = paths.best(stage)
     if not (best / WEIGHTS).is_file():
-        raise CheckpointError(f"{best}: no best pretraining model, but sft.start_from is best; set train.keep_best: "
-                              "true and rerun pretraining (llm-maker pretrain RECIPE --force), or set "
+        key = "train" if stage == "pretrain" else "distill.train"
+        what = {"pretrain": "pretraining", "distill": "distillation"}[stage]
+        raise CheckpointError(f"{best}: no best {what} model, but sft.start_from is best; set {key}.keep_best: "
+                              f"true and rerun the stage (llm-maker {stage} RECIPE --force), or set "
                               "sft.start_from: final")
     return best
 
@@ -120,8 +132,11 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
     returns sft/ (with final/, and best/ unless sft.use is final, when done)."""
     out = paths.sft
     tok_manifest = require_manifest(paths.tokenizer, "tokenizer")
-    require_manifest(paths.pretrain, "pretrain")
+    require_manifest(paths.stage_dir(recipe.base_stage), recipe.base_stage)
     base_dir = base_model_dir(recipe, paths)  # before --force deletes anything
+    teacher_cfg = recipe.sft.distill
+    if teacher_cfg.teacher is not None:  # a teacher with another tokenizer: refused before any compute
+        check_teacher(teacher_cfg.teacher, Tokenizer.load(paths.tokenizer).hash, 0, "sft.distill.teacher")
     inputs = sft_inputs(recipe, paths)
     fp = inputs_fingerprint(inputs)
     ctx = init_distributed(resolve_device(recipe.sft.train.device))
@@ -161,9 +176,19 @@ def run_sft(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
                      stop_token_ids=stop_token_ids(tokenizer, template), base_model=str(base_dir))
     evaluations = [token_accuracy_evaluation(batches, tc.eval_batches),
                    *multiple_choice_evaluations(tc, tokenizer)]
+    teaching: dict[str, Any] = {}
+    if teacher_cfg.teacher is not None:  # online distillation, the KL on the supervised positions only
+        check_teacher(teacher_cfg.teacher, tokenizer.hash, batches.seq_len, "sft.distill.teacher")
+        device = local_device(resolve_device(tc.device), ctx)
+        teacher = load_teacher(teacher_cfg.teacher, device, teacher_cfg.teacher_precision,
+                               "sft.distill.teacher_precision")
+        teaching = {"batches": OnlineTeacherBatches(batches, teacher, teacher_cfg.temperature,
+                                                    model.config.vocab_size),
+                    "loss_module": DistillLoss(model, teacher_cfg.alpha, teacher_cfg.temperature,
+                                               tc.loss_chunk_size)}
     # trainer.run_training, looked up at call time: tests substitute it
-    summary = trainer.run_training(model, batches, tc, out_dir=out, tokenizer=tokenizer, meta=meta, resume=resume,
-                                   evaluations=evaluations)
+    summary = trainer.run_training(model, teaching.pop("batches", batches), tc, out_dir=out, tokenizer=tokenizer,
+                                   meta=meta, resume=resume, evaluations=evaluations, **teaching)
     if summary.get("stopped"):  # paused at a checkpoint: no manifest, so the next run resumes
         raise StageStopped("sft", summary["steps"], summary["stopped_by"], latest_checkpoint(out / "checkpoints"))
     if not summary.get("final_dir"):

@@ -81,7 +81,7 @@ class ModelMeta:
     """What a model directory's config.json says about the model besides its shape and
     tokenizer hash: written by `write_model_files`, read by `load_model_dir`, nowhere else."""
 
-    stage: Optional[str] = None  # the stage that made it: pretrain, sft (None: a hand-made directory)
+    stage: Optional[str] = None  # the stage that made it: pretrain, distill, sft, dpo (None: a hand-made directory)
     recipe: Optional[str] = None  # the recipe's name
     fingerprint: Optional[str] = None  # the stage fingerprint it was trained under
     # What that fingerprint hashes (artifacts.fingerprint_inputs) and, under "settings", the stage's
@@ -106,7 +106,7 @@ class ModelMeta:
 
     @property
     def is_chat_model(self) -> bool:
-        return self.stage == "sft"
+        return self.stage in ("sft", "dpo")
 
     @classmethod
     def of(cls, meta: "ModelMeta | dict[str, Any] | None") -> "ModelMeta":

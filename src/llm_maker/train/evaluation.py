@@ -27,7 +27,8 @@ def mean_loss(module: torch.nn.Module, batches: Batches, device: torch.device | 
     was_training = module.training
     module.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for batch in batches:  # (x, y), or (x, y, *more) from an objective's batch source: scored as (x, y)
+        x, y = batch[0], batch[1]
         n = int((y != IGNORE_INDEX).sum())
         if n == 0:
             continue

@@ -95,14 +95,27 @@ from llm_maker.train.muon import make_muon_optimizer
 from llm_maker.train.schedule import cosine_lr
 from llm_maker.train.trackers import open_trackers
 
+# Named parts an objective's loss module may return beside its loss (`run_training(loss_module=)`):
+# distillation's cross-entropy and KL; DPO's reward margin and preference accuracy on the batch.
+LOSS_PARTS = ("ce", "kl", "reward_margin", "pref_acc")
+PROGRESS_PARTS = ("kl", "reward_margin")  # also shown in the progress bar
+
+
 METRICS_FIELDS = ["step", "tokens", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                  "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm", "skipped_steps", "event"]
+                  "peak_mem_mb", "elapsed_s", "val_token_acc", "mc_acc", "mc_acc_norm", "skipped_steps", "event",
+                  *LOSS_PARTS, "teacher_tokens_per_s", "val_reward_margin", "val_pref_acc"]
 
 
 class BatchSource(Protocol):
+    """Micro-batches by index. A micro-batch is (x, y) for the plain loss, or (x, y, *more) for an
+    objective whose loss module takes more (a teacher's log-probs, a rejected completion); the
+    trainer moves every tensor to the device and calls the train module with all of them. A
+    source may also have `log_metrics() -> dict` (host-side columns, e.g. teacher_tokens_per_s),
+    read at every logged step."""
+
     tokens_per_micro_batch: int
 
-    def micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def micro_batch(self, index: int) -> tuple[torch.Tensor, ...]: ...
 
     def val_batches(self) -> Any: ...
 
@@ -189,6 +202,7 @@ class StepResult(NamedTuple):
     grad_norm: torch.Tensor
     loss: torch.Tensor  # this rank's mean loss over its micro-batches
     skipped: torch.Tensor  # 1. when the step changed nothing (non-finite loss or gradient norm), else 0.
+    parts: dict[str, torch.Tensor] = {}  # the loss module's named parts (LOSS_PARTS), means over the micro-batches
 
 
 def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any, batches: BatchSource,
@@ -210,15 +224,19 @@ def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any,
     n = len(micro_batch_indices)
     loss_before = loss_acc.clone()  # what `loss_acc` goes back to if this step's loss is not finite
     step_loss = torch.zeros((), device=device)
+    parts: dict[str, torch.Tensor] = {}
     for i, index in enumerate(micro_batch_indices):
-        x, y = batches.micro_batch(index)
+        batch = batches.micro_batch(index)
         with gradient_sync(train_module, last_micro_batch=i == n - 1):
             with autocast(device, amp_dtype):
-                loss = train_module(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                out = train_module(*(t.to(device, non_blocking=True) for t in batch))
+            loss, named = out if isinstance(out, tuple) else (out, {})
             (loss / n if scaler is None else scaler.scale(loss / n)).backward()
         share = loss.detach() / n
         loss_acc += share
         step_loss += share
+        for name, value in named.items():
+            parts[name] = parts.get(name, 0.0) + value.detach().float() / n
     if scaler is not None:
         scaler.unscale_(optimizer)  # true gradients before clipping
         agree_on_overflow(scaler, optimizer, ctx)
@@ -235,7 +253,7 @@ def train_step(train_module: torch.nn.Module, model: LlamaModel, optimizer: Any,
         scaler.step(optimizer)  # skipped when an inf/nan gradient was found (or the loss was not finite)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(grad_norm, step_loss, skip)
+    return StepResult(grad_norm, step_loss, skip, parts)
 
 
 def agree_on_overflow(scaler: GradScaler, optimizer: Any, ctx: DistContext) -> None:
@@ -276,17 +294,26 @@ class _Run:
     window_start: float = field(default_factory=time.perf_counter)  # wall clock of the previous logged row
     window_tokens: int = 0
     window: list[torch.Tensor] = field(default_factory=list)  # each step's (loss, skipped) since the last row
+    parts_acc: dict[str, torch.Tensor] = field(default_factory=dict)  # LOSS_PARTS summed over the window's kept steps
 
 
 def run_training(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
                  meta: ModelMeta | dict[str, Any], resume: bool = False,
-                 evaluations: Sequence[Evaluation] = ()) -> dict[str, Any]:
+                 evaluations: Sequence[Evaluation] = (), loss_module: Optional[CausalLMLoss] = None
+                 ) -> dict[str, Any]:
     """Train to tc.max_steps (or until asked to stop); returns a summary dict.
 
     Writes out_dir/checkpoints/step_*/, out_dir/metrics.csv and, when finished, out_dir/final/
     (whose config.json carries `meta`). At every eval step the validation loss and each of
-    `evaluations` are computed and logged."""
-    run = _setup(model, batches, tc, Path(out_dir), tokenizer, ModelMeta.of(meta), resume, evaluations)
+    `evaluations` are computed and logged.
+
+    `loss_module`: the objective, when it is not the plain next-token loss (distillation, DPO): a
+    `CausalLMLoss` over `model` whose forward takes a whole micro-batch of `batches` and returns the
+    loss, or (loss, {part: 0-dim tensor}) with parts named in LOSS_PARTS (logged as their mean over
+    the steps of each row); called with (x, y) alone it must still be the plain loss (validation)."""
+    if loss_module is not None and loss_module.model is not model:
+        raise ValueError("loss_module must wrap the model being trained")
+    run = _setup(model, batches, tc, Path(out_dir), tokenizer, ModelMeta.of(meta), resume, evaluations, loss_module)
     for f in run.stop.present() if run.ctx.is_main else []:
         print(f"note: {f} is present: this run stops after its first step (delete it to train on)",
               file=sys.stderr, flush=True)
@@ -299,7 +326,8 @@ def run_training(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_d
 
 
 def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Path, tokenizer: Tokenizer,
-           meta: ModelMeta, resume: bool, evaluations: Sequence[Evaluation]) -> _Run:
+           meta: ModelMeta, resume: bool, evaluations: Sequence[Evaluation],
+           loss_module: Optional[CausalLMLoss] = None) -> _Run:
     ckpt_root = out_dir / "checkpoints"
     ctx = init_distributed(resolve_device(tc.device))  # torchrun's ranks; one process: nothing to do
     device = local_device(resolve_device(tc.device), ctx)
@@ -314,7 +342,7 @@ def _setup(model: LlamaModel, batches: BatchSource, tc: TrainConfig, out_dir: Pa
     model.train()
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
-    loss_module = CausalLMLoss(model, tc.loss_chunk_size)
+    loss_module = loss_module if loss_module is not None else CausalLMLoss(model, tc.loss_chunk_size)
     train_module = wrap_model(loss_module, model.layers, tc.distributed, ctx, device)  # FSDP2 shards in place
     optimizer = make_optimizer(model, tc, device)
 
@@ -360,6 +388,8 @@ def _loop(run: _Run) -> Optional[str]:
                             rank_micro_batches(data_step, tc.grad_accum_steps, run.ctx), tc, run.device,
                             run.amp_dtype, loss_acc, run.scaler, run.ctx)
         run.window.append(torch.stack([result.loss, result.skipped]))
+        for name, value in result.parts.items():  # a skipped step's parts stay out, as its loss does
+            run.parts_acc[name] = run.parts_acc.get(name, 0.0) + torch.where(result.skipped > 0, 0.0, value)
         state.step += 1
         state.tokens_seen += run.tokens_per_step
         run.window_tokens += run.tokens_per_step
@@ -461,6 +491,7 @@ def _roll_back(run: _Run, divergence: Divergence, loss_acc: torch.Tensor) -> Non
     run.state = state
     loss_acc.zero_()
     run.window.clear()
+    run.parts_acc.clear()
     run.window_start, run.window_tokens = time.perf_counter(), 0
     run.progress.n = state.step
     run.progress.refresh()
@@ -562,12 +593,26 @@ def _log_row(run: _Run, loss_acc: torch.Tensor, lr: float, grad_norm: torch.Tens
            "lr": f"{lr:.3e}", "grad_norm": round(to_float(grad_norm), 4), "tokens_per_s": round(tps, 1),
            "mfu": _fmt(mfu(run.flops_per_token, tps, run.peak_tflops, run.ctx.world_size)),
            "peak_mem_mb": _peak_mem_mb(run.device), "elapsed_s": round(now - run.t0, 2), **state.evals,
-           "skipped_steps": state.skipped_steps}
+           "skipped_steps": state.skipped_steps, **_parts_row(run, finite_steps)}
+    log_metrics = getattr(run.batches, "log_metrics", None)
+    if log_metrics is not None:
+        row.update(log_metrics())
     run.metrics.write(row)
     run.progress.set_postfix(loss="-" if state.loss is None else f"{state.loss:.3f}",
                              val="-" if state.val_loss is None else f"{state.val_loss:.3f}",
                              lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=row["mfu"] or "-",
+                             **{name: f"{float(row[name]):.3f}" for name in PROGRESS_PARTS if row.get(name)},
                              **({"skipped": state.skipped_steps} if state.skipped_steps else {}), refresh=False)
+
+
+def _parts_row(run: _Run, finite_steps: int) -> dict[str, Any]:
+    """The loss parts' columns: each part's mean over the row's kept steps (over the ranks too)."""
+    parts = {name: mean_over_ranks(total, run.ctx).item() for name, total in sorted(run.parts_acc.items())}
+    run.parts_acc.clear()
+    unknown = set(parts) - set(LOSS_PARTS)
+    if unknown:
+        raise ValueError(f"loss parts {sorted(unknown)} are not metrics.csv columns; known: {', '.join(LOSS_PARTS)}")
+    return {name: round(total / finite_steps, 6) for name, total in parts.items()} if finite_steps else {}
 
 
 def _finish(run: _Run, stopped_by: Optional[str]) -> dict[str, Any]:
