@@ -1,4 +1,4 @@
-"""Decoding on this CPU: llm-maker's `generate` in fp32 and bf16 against llama.cpp on our own f16
+"""Decoding on this CPU: llm-maker's `generate` in fp32 and in what `auto` runs against llama.cpp on our own f16
 GGUF export of the same model, same prompt, same threads, rounds alternating in one run.
 
 The model is SmolLM2-135M-Instruct (the `135m` shape: 30 layers, d 576, 9/3 heads, vocabulary
@@ -29,7 +29,7 @@ import torch
 from llm_maker.devices import cpu_has_amx_bf16
 from llm_maker.recipe import package_file
 from llm_maker.serve.generate import generate
-from llm_maker.serve.inference import can_pack, load_for_inference
+from llm_maker.serve.inference import can_pack, half_weights_gain, load_for_inference
 from llm_maker.train.checkpoint import load_model_dir
 
 PROMPT = ("The water cycle describes how water moves between the oceans, the air and the land. "
@@ -109,12 +109,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model_dir, gguf = prepare(Path(args.work))
+    cpu = torch.device("cpu")
     models = {"llm-maker fp32": load_for_inference(model_dir, "cpu", "fp32")[0]}
-    if can_pack(torch.device("cpu"), torch.bfloat16):  # bf16 sides where oneDNN runs bf16 (AVX-512 / AMX)
+    if can_pack(cpu, torch.bfloat16):  # oneDNN runs bf16 here (AVX-512 / AMX): `auto` is packed bf16
         models["llm-maker bf16, plain weights"] = load_for_inference(model_dir, "cpu", "bf16", pack=False)[0]
         models["llm-maker bf16 (packed: what `auto` runs)"] = load_for_inference(model_dir, "cpu", "bf16")[0]
-    else:
-        print("this CPU has no bf16 kernels in oneDNN (an AVX2-only CPU): fp32 only, as `auto` runs here", flush=True)
+    elif half_weights_gain(cpu, torch.float32):  # an AVX2-only CPU: `auto` is bf16 weights, fp32 activations
+        models["llm-maker bf16 weights, fp32 activations (what `auto` runs)"] = \
+            load_for_inference(model_dir, "cpu", "auto")[0]
     tokenizer = load_model_dir(model_dir)[1]
     prompt = tokenizer.encode(PROMPT)
     sides = {name: ours(m) for name, m in models.items()}

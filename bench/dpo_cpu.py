@@ -60,7 +60,7 @@ def recipe_for(args: argparse.Namespace):
         "train.progress": False,
         "sft.train.max_steps": args.sft_steps, "sft.train.eval_every": 50, "sft.train.checkpoint_every": 50,
         "sft.train.progress": False,
-        "dpo.enabled": True, "dpo.beta": args.beta,
+        "dpo.enabled": True, "dpo.beta": args.beta, "dpo.sft_weight": args.sft_weight,
         "dpo.train.max_steps": args.dpo_steps, "dpo.train.lr": args.dpo_lr, "dpo.train.micro_batch_size": 8,
         "dpo.train.warmup_steps": 10, "dpo.train.eval_every": 20, "dpo.train.eval_batches": 16,
         "dpo.train.checkpoint_every": 60, "dpo.train.log_every": 10, "dpo.train.progress": False,
@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--dpo-steps", type=int, default=80)
     p.add_argument("--dpo-lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--sft-weight", type=float, default=0.0, help="dpo.sft_weight: + the chosen answers' CE")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--json", type=Path, default=RESULTS / "dpo_cpu.json")
     args = p.parse_args()

@@ -203,6 +203,20 @@ def test_loss_is_log2_when_policy_is_reference_and_a_step_prefers_chosen(tok, pr
     assert module(xc, yc, xr, yr, ref_c, ref_r)[0].item() < math.log(2)
 
 
+def test_sft_weight_adds_the_chosen_answers_cross_entropy(tok, prefs):
+    """dpo.sft_weight: DPO + w x the chosen completions' mean per-token CE (the plain loss on them)."""
+    torch.manual_seed(0)
+    model = tiny_model(tok.vocab_size, seq_len=128)
+    xc, yc, xr, yr = pair_batch(tok, prefs)
+    with torch.no_grad():
+        ref_c, ref_r = DPOLoss(model, beta=0.5).pair_logprobs(xc, yc, xr, yr)
+        plain, _ = DPOLoss(model, beta=0.5)(xc, yc, xr, yr, ref_c, ref_r)
+        loss, parts = DPOLoss(model, beta=0.5, sft_weight=0.7)(xc, yc, xr, yr, ref_c, ref_r)
+        ce = trainer.CausalLMLoss(model)(xc, yc)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 0.7 * ce.item(), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- stage
 
 TRAIN = dict(max_steps=8, micro_batch_size=4, lr=3e-3, warmup_steps=1, eval_every=4, eval_batches=4,

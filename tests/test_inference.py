@@ -11,7 +11,14 @@ from llm_maker.devices import auto_precision, device_caps, inference_dtype
 from llm_maker.errors import RecipeError
 from llm_maker.serve import inference
 from llm_maker.serve.generate import generate
-from llm_maker.serve.inference import PackedLinear, can_pack, load_for_inference, pack_linears
+from llm_maker.serve.inference import (
+    HalfWeightLinear,
+    PackedLinear,
+    can_pack,
+    half_weights_gain,
+    load_for_inference,
+    pack_linears,
+)
 from llm_maker.train.checkpoint import load_model_dir, save_model_dir
 
 needs_packing = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
@@ -90,3 +97,40 @@ def test_bf16_on_a_cpu_that_cannot_pack_runs_on_plain_weights(tmp_path, monkeypa
         assert len(list(generate(model, tok.encode("The return"), 4))) == 4
     finally:
         inference._cpu_packs_bf16.cache_clear()
+
+
+def test_half_weight_linear_decodes_in_bf16_and_prefills_in_fp32():
+    """bf16 weights beside fp32 activations (`auto` on an AVX2-only CPU): a decode step's few rows
+    multiply in bf16 (half the bytes read), a prefill's many rows in fp32 on the upcast weight."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    layer = HalfWeightLinear(w)
+    assert layer.weight_bf16.dtype == torch.bfloat16
+    step = torch.randn(1, 1, 64)
+    out = layer(step)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, F.linear(step.bfloat16(), w.bfloat16()).float())
+    prefill = torch.randn(1, HalfWeightLinear.FP32_FROM_ROWS, 64)
+    assert torch.equal(layer(prefill), F.linear(prefill, w.bfloat16().float()))
+    assert torch.allclose(layer(prefill), F.linear(prefill, w), rtol=0.05, atol=0.1)  # only the weight rounded
+
+
+def test_auto_on_an_avx2_cpu_keeps_fp32_activations_with_bf16_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "_cpu_packs_bf16", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert half_weights_gain(torch.device("cpu"), torch.float32)
+    assert not half_weights_gain(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(inference, "inference_dtype", lambda precision, device: torch.float32)  # `auto` there
+    tok = make_tokenizer()
+    model = random_model(tok.vocab_size, tie_embeddings=True)
+    save_model_dir(tmp_path / "m", model, tok, {"stage": "pretrain", "recipe": "t"})
+    auto, _, _ = load_for_inference(tmp_path / "m", "cpu", "auto")
+    exact, _, _ = load_for_inference(tmp_path / "m", "cpu", "fp32")
+    assert not any(isinstance(m, torch.nn.Linear) for m in auto.modules())  # every projection and the head
+    assert auto.embed_tokens.weight.dtype == torch.float32  # lookups and norms stay fp32
+    assert any(isinstance(m, torch.nn.Linear) for m in exact.modules())  # --precision fp32: as saved
+    prompt = torch.tensor([tok.encode("The return statement")])
+    with torch.inference_mode():
+        a, b = auto(prompt), exact(prompt)
+    assert (a - b).abs().max() < 0.02 * b.abs().max()
+    assert len(list(generate(auto, prompt[0].tolist(), 8))) == 8

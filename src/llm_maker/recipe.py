@@ -563,6 +563,9 @@ class DPOConfig:
 
     enabled: bool = False
     beta: float = 0.1
+    # > 0: plus this weight x the chosen completions' mean cross-entropy (DPO + NLL, dpo/loss.py),
+    # which keeps DPO from lowering the chosen answer's likelihood along with the rejected one's
+    sft_weight: float = 0.0
     reference: Optional[str] = None  # the frozen reference's model directory; null: the SFT model DPO starts from
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, max_steps=100, warmup_steps=10,
@@ -573,6 +576,7 @@ class DPOConfig:
         if not self.enabled:
             return
         _check(self.beta > 0, f, f"{key}.beta", f"must be positive, got {self.beta}")
+        _check(self.sft_weight >= 0, f, f"{key}.sft_weight", f"must be >= 0 (0: plain DPO), got {self.sft_weight}")
         if check_files and self.reference is not None:
             _check(Path(self.reference).is_dir(), f, f"{key}.reference",
                    f"is not a model directory: {self.reference}")

@@ -239,7 +239,7 @@ def run_dpo(recipe: Recipe, paths: RunPaths, resume: bool = False, force: bool =
         tc = dataclasses.replace(tc, keep_best=True)
     batches = DPOBatches(train_enc, ref["train"], tc.micro_batch_size, tokenizer.pad_id, seed=tc.seed,
                          val_encoded=heldout_enc, val_ref=ref["heldout"])
-    loss_module = DPOLoss(model, recipe.dpo.beta, tc.loss_chunk_size)
+    loss_module = DPOLoss(model, recipe.dpo.beta, tc.loss_chunk_size, recipe.dpo.sft_weight)
     meta = ModelMeta(stage="dpo", recipe=recipe.name, fingerprint=fp, trained_with=inputs, chat_template=template,
                      stop_token_ids=stop_token_ids(tokenizer, template), base_model=str(start),
                      extra={"dpo_reference": str(ref_dir), "dpo_beta": recipe.dpo.beta})
