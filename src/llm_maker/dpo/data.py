@@ -37,7 +37,6 @@ token), -100 elsewhere: the log-probs are completion-only.
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
@@ -50,7 +49,7 @@ from llm_maker.data.select import hash_key, unit_hash
 from llm_maker.errors import DataError, LLMMakerError
 from llm_maker.recipe import PreferenceDataConfig
 from llm_maker.sft.builtin import builtin_conversations
-from llm_maker.sft.dataset import EncodedConversation, pad_batch
+from llm_maker.sft.dataset import EncodedConversation, EpochOrder, pad_batch
 from llm_maker.sft.formats import Unusable, iter_rows
 from llm_maker.sft.templates import IGNORE_INDEX, prompt_ids, template_spec, validate_messages
 from llm_maker.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -337,14 +336,10 @@ class DPOBatches:
         self.batch_size, self.pad_id, self.seed = micro_batch_size, pad_id, seed
         self.seq_len = pair_seq_len(self.encoded, self.val_encoded)
         self.tokens_per_micro_batch = 2 * micro_batch_size * self.seq_len
-        self._perm_epoch, self._perm = -1, []
+        self._order = EpochOrder(len(self.encoded), seed)
 
     def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            self._perm = list(range(len(self.encoded)))
-            random.Random(self.seed + epoch).shuffle(self._perm)
-            self._perm_epoch = epoch
-        return self._perm
+        return self._order(epoch)
 
     def item_ids(self, index: int) -> list[int]:
         out = []

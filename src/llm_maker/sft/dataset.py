@@ -96,6 +96,22 @@ def encode_conversations(tokenizer: Tokenizer, convs: Sequence[dict[str, Any]], 
     return encoded, stats
 
 
+class EpochOrder:
+    """The order in which an epoch visits n items: a fresh shuffle per epoch, from
+    random.Random(seed + epoch), the last one kept (a micro-batch is a pure function of its index)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._order = -1, []
+
+    def __call__(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._order = list(range(self.n))
+            random.Random(self.seed + epoch).shuffle(self._order)
+            self._epoch = epoch
+        return self._order
+
+
 def pad_batch(items: Sequence[EncodedConversation], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to `length` + 1 tokens and shift: x = ids[:-1], y = labels[1:], both (B, length).
 
@@ -131,14 +147,10 @@ class SFTBatches:
         self.seq_len = max(len(e.ids) for e in self.encoded + self.val_encoded) - 1  # T of x and y
         self.tokens_per_micro_batch = micro_batch_size * self.seq_len
         self.batches_per_epoch = max(1, len(self.encoded) // (micro_batch_size * world_size))
-        self._perm_epoch, self._perm = -1, []
+        self._order = EpochOrder(len(self.encoded), seed)
 
     def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            self._perm = list(range(len(self.encoded)))
-            random.Random(self.seed + epoch).shuffle(self._perm)
-            self._perm_epoch = epoch
-        return self._perm
+        return self._order(epoch)
 
     def item_ids(self, index: int) -> list[int]:
         """Conversation indices of micro-batch `index` for this rank."""
